@@ -1,0 +1,1 @@
+"""The coordinator: selects clients, publishes the global adapter, aggregates, checkpoints, resumes."""

@@ -1,0 +1,54 @@
+"""Never lose a completed round: each round's adapter and state are written atomically.
+
+Layout of checkpoint_dir:
+    rounds/000007/             PEFT adapter directory of the global adapter after round 7
+    state.json                 {"round": 7, "adapter_dir": "rounds/000007", history, strategy, registry}
+
+The adapter directory is complete before state.json names it, and state.json is replaced in
+one rename, so after a crash at any instant state.json points at a whole checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from flora.files import atomic_write_json
+from flora.modeling.adapter import save_adapter_dir
+
+KEEP_ROUNDS = 2
+
+
+class CheckpointStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.state_path = self.directory / "state.json"
+
+    def load(self) -> dict[str, Any] | None:
+        """The last complete checkpoint's state (with an absolute adapter_dir), or None if fresh."""
+        if not self.state_path.is_file():
+            return None
+        try:
+            state = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RuntimeError(
+                f"{self.state_path} is corrupt ({exc}); it is written atomically, so the disk or a manual "
+                "edit damaged it. Restore it or move the checkpoint directory away to start afresh."
+            ) from None
+        state["adapter_dir"] = str(self.directory / state["adapter_dir"])
+        return state
+
+    def save(self, round_: int, peft_model: Any, state: dict[str, Any], *, base_model: str) -> Path:
+        relative = Path("rounds") / f"{round_:06d}"
+        adapter_dir = save_adapter_dir(peft_model, self.directory / relative, base_model=base_model)
+        atomic_write_json(self.state_path, {**state, "round": round_, "adapter_dir": str(relative)})
+        self._prune(keep=relative.name)
+        return adapter_dir
+
+    def _prune(self, keep: str) -> None:
+        rounds = sorted(p for p in (self.directory / "rounds").iterdir() if p.is_dir() and not p.name.startswith("."))
+        for old in rounds[:-KEEP_ROUNDS]:
+            if old.name != keep:
+                shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,86 @@
+"""Coordinator settings: `flora coordinator --config coordinator.toml`, FLORA_COORDINATOR_* overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from coordinator.strategies import STRATEGIES
+from flora.config import field, load_config
+from flora.errors import ConfigError, ProtocolError
+from flora.modeling.recipes import get_recipe
+from flora.modeling.scoring import DEFAULT_TEMPLATE
+from flora.protocol.envelope import check_id
+
+ENV_PREFIX = "FLORA_COORDINATOR_"
+
+
+@dataclasses.dataclass
+class CoordinatorConfig:
+    model: str = field(help="CLIP checkpoint: hub id or local directory (the clients' base model)")
+    run_id: str = field("default", help="run id; clients join by it")
+    node_id: str = field("coordinator", help="this coordinator's MQTT client id")
+    broker_url: str = field("mqtt://127.0.0.1:1883", help="mqtt://host:port or mqtts://host:port")
+    username: str | None = field(None, help="broker username")
+    password: str | None = field(None, help="broker password")
+    ca_file: str | None = field(None, help="CA certificate for mqtts://")
+    recipe: str = field("paper", help="LoRA recipe every client uses")
+    rounds: int = field(10, help="number of federated rounds")
+    clients_per_round_fraction: float = field(1.0, help="fraction of online clients selected per round")
+    min_clients_per_round: int = field(1, help="select at least this many clients")
+    min_available_clients: int = field(1, help="wait until this many clients are online before a round")
+    quorum: int = field(1, help="minimum accepted updates to aggregate a round")
+    round_deadline_s: float = field(300.0, help="seconds a round waits for updates")
+    wait_for_clients_s: float = field(600.0, help="seconds to wait for min_available_clients")
+    max_round_attempts: int = field(3, help="retries (fresh selection) of a round below quorum")
+    strategy: str = field("fedavg", help="aggregation strategy")
+    local_epochs: int = field(1, help="local epochs per round")
+    learning_rate: float = field(5e-5, help="clients' Adam learning rate (paper: 5e-5)")
+    weight_decay: float = field(0.2, help="clients' weight decay (paper: 0.2)")
+    batch_size: int = field(128, help="clients' batch size (paper: 128); clients may lower it")
+    prompt_template: str = field(DEFAULT_TEMPLATE, help="class prompt; {label} is the class name")
+    max_update_norm: float | None = field(None, help="reject updates whose change has a larger L2 norm")
+    checkpoint_dir: Path = field(Path("flora-checkpoints"), help="state for resuming after a crash")
+    output_dir: Path | None = field(None, help="report.json, metrics.png, global_adapter/ (default: checkpoint_dir)")
+    eval_data_dir: Path | None = field(None, help="held-out image folder for server-side evaluation")
+    device: str = field("cpu", help="device for evaluation: cpu, cuda, auto")
+    max_message_bytes: int | None = field(None, help="refuse to publish larger messages (broker limit)")
+    seed: int = field(0, help="seeds client selection and the initial adapter")
+    log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+    def __post_init__(self):
+        try:
+            check_id(self.run_id, "run_id")
+            check_id(self.node_id, "node_id")
+        except ProtocolError as exc:
+            raise ConfigError(exc.detail) from None
+        get_recipe(self.recipe)
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy must be one of {', '.join(sorted(STRATEGIES))}, got {self.strategy!r}")
+        checks = [
+            (self.rounds >= 1, "rounds must be >= 1"),
+            (0 < self.clients_per_round_fraction <= 1, "clients_per_round_fraction must be in (0, 1]"),
+            (self.min_clients_per_round >= 1, "min_clients_per_round must be >= 1"),
+            (self.min_available_clients >= 1, "min_available_clients must be >= 1"),
+            (self.quorum >= 1, "quorum must be >= 1"),
+            (
+                self.quorum <= max(self.min_clients_per_round, self.min_available_clients),
+                "quorum cannot exceed the clients a round is guaranteed (raise min_clients_per_round)",
+            ),
+            (self.round_deadline_s > 0, "round_deadline_s must be > 0"),
+            (self.max_round_attempts >= 1, "max_round_attempts must be >= 1"),
+            (self.local_epochs >= 1, "local_epochs must be >= 1"),
+            (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            ("{label}" in self.prompt_template, "prompt_template must contain {label}"),
+            (self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm must be > 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.output_dir is None:
+            self.output_dir = self.checkpoint_dir
+
+
+def load_coordinator_config(path: str | Path | None = None, **overrides) -> CoordinatorConfig:
+    return load_config(CoordinatorConfig, path, env_prefix=ENV_PREFIX, overrides=overrides)

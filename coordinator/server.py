@@ -1,0 +1,346 @@
+"""The coordinator's round loop (one template method, `run`), with resume from the last checkpoint.
+
+Per round: wait for enough online clients, select, publish the instruction with the global
+adapter (retained, so a client that reconnects mid-round still gets it), accept updates until
+everyone selected answered or the deadline passed, aggregate if the quorum was met (else retry
+with a fresh selection), evaluate, checkpoint atomically, publish the round result.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from coordinator.checkpoint import CheckpointStore
+from coordinator.config import CoordinatorConfig
+from coordinator.evaluation import Evaluator
+from coordinator.plots import plot_metrics
+from coordinator.registry import Registry
+from coordinator.strategies import Strategy, Tensors
+from coordinator.validation import validate_update
+from flora import __version__
+from flora.errors import FloraError, ProtocolError, RejectReason
+from flora.files import atomic_write_json
+from flora.modeling.adapter import save_adapter_dir
+from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes, envelope_to_bytes
+from flora.transport import Message, Transport
+
+log = logging.getLogger(__name__)
+
+
+class RoundFailed(FloraError):
+    """A round stayed below quorum for every allowed attempt. The checkpoint is intact; rerun to resume."""
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig, transport: Transport, evaluator: Evaluator, strategy: Strategy):
+        self.config = config
+        self.transport = transport
+        self.evaluator = evaluator
+        self.strategy = strategy
+        self.topics = Topics(config.run_id)
+        self.registry = Registry()
+        self.checkpoints = CheckpointStore(config.checkpoint_dir)
+        self.rejections: collections.Counter[str] = collections.Counter()
+        self.history: list[dict[str, Any]] = []
+        self.initial: dict[str, Any] | None = None
+        self.global_tensors: Tensors = {}
+        self.next_round = 1
+        self._started = False
+
+    # -- setup and resume ----------------------------------------------------------------
+    def _coordinator_status(self, state: str) -> Message:
+        env = Envelope(
+            kind="status",
+            run=self.config.run_id,
+            sender=self.config.node_id,
+            data={"state": state, "role": "coordinator", "round": self.next_round - 1},
+        )
+        return Message(self.topics.status(self.config.node_id), envelope_to_bytes(env), retain=True)
+
+    def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.transport.connect(will=self._coordinator_status("offline"))
+        self.transport.subscribe(self.topics.all_status, qos=1)
+        self.transport.subscribe(self.topics.all_updates, qos=1)
+        saved = self.checkpoints.load()
+        if saved is None:
+            self.global_tensors = self.evaluator.initial_adapter()
+            self.initial = self.evaluator.evaluate(self.global_tensors)
+            log.info("fresh run %s; initial accuracy %s", self.config.run_id, _pct(self.initial))
+        else:
+            self._resume(saved)
+        if self.next_round <= self.config.rounds:
+            # A run extended after it finished (more rounds) must not leave clients reading "finished".
+            self.transport.publish(Message(self.topics.instruction, b"", retain=True))
+        self.transport.publish(self._coordinator_status("online"))
+
+    def _resume(self, saved: dict[str, Any]) -> None:
+        from safetensors.numpy import load_file
+
+        self.global_tensors = load_file(str(Path(saved["adapter_dir"]) / "adapter_model.safetensors"))
+        self.global_tensors = {k: v.astype(np.float32) for k, v in self.global_tensors.items()}
+        self.evaluator.load(self.global_tensors)
+        self.history = saved.get("history", [])
+        self.initial = saved.get("initial")
+        self.rejections.update(saved.get("rejections", {}))
+        self.strategy.load_state_dict(saved.get("strategy", {}))
+        self.next_round = int(saved["round"]) + 1
+        log.info("resumed run %s after round %d", self.config.run_id, saved["round"])
+
+    # -- the template method -------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.start()
+        try:
+            while self.next_round <= self.config.rounds:
+                self.run_round(self.next_round)
+                self.next_round += 1
+            self._publish_finished()
+            return self.report()
+        except BaseException:
+            if self.transport.connected:  # a clean disconnect sends no Will: say it ourselves
+                self.transport.publish(self._coordinator_status("offline"), timeout=5)
+            raise
+        finally:
+            self.transport.close()
+
+    def run_round(self, round_: int) -> dict[str, Any]:
+        started = time.monotonic()
+        for attempt in range(1, self.config.max_round_attempts + 1):
+            self._wait_for_clients()
+            selected = self.registry.select(
+                fraction=self.config.clients_per_round_fraction,
+                minimum=self.config.min_clients_per_round,
+                seed=self.config.seed * 100_003 + round_ * 101 + attempt,
+                recipe=self.config.recipe,
+            )
+            bytes_down = self._publish_instruction(round_, selected)
+            updates, rejected, bytes_up = self._collect(round_, set(selected))
+            if len(updates) >= self.config.quorum:
+                break
+            log.warning(
+                "round %d attempt %d: %d of %d selected answered, below quorum %d; retrying with a fresh selection",
+                round_,
+                attempt,
+                len(updates),
+                len(selected),
+                self.config.quorum,
+            )
+        else:
+            raise RoundFailed(
+                f"round {round_} stayed below quorum {self.config.quorum} for {self.config.max_round_attempts} "
+                "attempts; check that clients are online, then rerun the same command to resume"
+            )
+        self.global_tensors = self.strategy.aggregate()
+        evaluation = self.evaluator.evaluate(self.global_tensors)
+        total_examples = sum(u.num_examples for u in updates)
+        record = {
+            "round": round_,
+            "rounds_total": self.config.rounds,
+            "attempts": attempt,
+            "selected": len(selected),
+            "participants": len(updates),
+            "accepted": sorted(u.node for u in updates),
+            "rejected": dict(rejected),
+            "accuracy": evaluation["accuracy"] if evaluation else None,
+            "loss": evaluation["loss"] if evaluation else None,
+            "train_loss": float(
+                sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / total_examples
+            ),
+            "num_examples": total_examples,
+            "client_peak_memory_mb": max(float(u.metrics.get("peak_memory_mb", 0.0)) for u in updates),
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+            "seconds": time.monotonic() - started,
+        }
+        self.history.append(record)
+        self._checkpoint(round_)
+        self._publish_result(round_, record)
+        log.info(
+            "round %d: %d/%d updates, accuracy %s, up %d B, down %d B, %.1fs",
+            round_,
+            len(updates),
+            len(selected),
+            _pct(evaluation),
+            bytes_up,
+            bytes_down,
+            record["seconds"],
+        )
+        return record
+
+    # -- round steps ---------------------------------------------------------------------
+    def _pump(self, timeout: float) -> Message | None:
+        """Receive one message; status messages update the registry and are consumed here."""
+        message = self.transport.receive(timeout=timeout)
+        if message is not None and not message.payload:
+            return None  # a cleared retained topic, not a message
+        if message is None or "/status/" not in message.topic:
+            return message
+        try:
+            env = envelope_from_bytes(message.payload)
+        except ProtocolError as exc:
+            log.warning("dropped status on %s: %s", message.topic, exc)
+            return None
+        if env.sender != Topics.node_of(message.topic):
+            log.warning("dropped status: %s published on %s", env.sender, message.topic)
+            return None
+        if env.run == self.config.run_id and env.sender != self.config.node_id and env.kind == "status":
+            info = self.registry.update(env.sender, env.data)
+            log.debug("node %s is %s", env.sender, info.state)
+        return None
+
+    def _wait_for_clients(self) -> None:
+        deadline = time.monotonic() + self.config.wait_for_clients_s
+        needed = self.config.min_available_clients
+        while len(self.registry.online(self.config.recipe)) < needed:
+            if time.monotonic() > deadline:
+                raise RoundFailed(
+                    f"only {len(self.registry.online(self.config.recipe))} of {needed} required clients came online "
+                    f"within {self.config.wait_for_clients_s:.0f}s; start more clients or lower min_available_clients"
+                )
+            message = self._pump(0.2)
+            if message is not None:  # an update while no round is open
+                self._reject_stray(message)
+
+    def _publish_instruction(self, round_: int, selected: list[str]) -> int:
+        settings = self.strategy.configure_train(
+            round_,
+            {
+                "local_epochs": self.config.local_epochs,
+                "learning_rate": self.config.learning_rate,
+                "weight_decay": self.config.weight_decay,
+                "batch_size": self.config.batch_size,
+                "prompt_template": self.config.prompt_template,
+            },
+        )
+        self.strategy.begin(round_, self.global_tensors)
+        body, meta = adapter_to_body(self.global_tensors, "float32")
+        env = Envelope(
+            kind="train",
+            run=self.config.run_id,
+            sender=self.config.node_id,
+            round=round_,
+            data={
+                "selected": selected,
+                "deadline": time.time() + self.config.round_deadline_s,
+                "recipe": self.config.recipe,
+                "train": settings,
+            },
+            body=body,
+            body_meta=meta,
+        )
+        payload = envelope_to_bytes(env)
+        self.transport.publish(Message(self.topics.instruction, payload, qos=1, retain=True))
+        return len(payload) * len(selected)  # what the selected clients download
+
+    def _collect(self, round_: int, selected: set[str]):
+        deadline = time.monotonic() + self.config.round_deadline_s
+        accepted: dict[str, Any] = {}
+        rejected: collections.Counter[str] = collections.Counter()
+        bytes_up = 0
+        while len(accepted) < len(selected) and time.monotonic() < deadline:
+            message = self._pump(min(0.5, max(0.01, deadline - time.monotonic())))
+            if message is None:
+                continue
+            try:
+                env = envelope_from_bytes(message.payload)
+                update = validate_update(
+                    env,
+                    topic_node=Topics.node_of(message.topic),
+                    run_id=self.config.run_id,
+                    round_=round_,
+                    selected=selected,
+                    already=set(accepted),
+                    global_tensors=self.global_tensors,
+                    max_update_norm=self.config.max_update_norm,
+                    payload_bytes=len(message.payload),
+                )
+            except ProtocolError as exc:
+                self._count_rejection(exc, message.topic, rejected)
+                continue
+            self.strategy.accumulate(update)
+            accepted[update.node] = update
+            bytes_up += len(message.payload)
+        return list(accepted.values()), rejected, bytes_up
+
+    def _reject_stray(self, message: Message) -> None:
+        try:
+            env = envelope_from_bytes(message.payload)
+            raise ProtocolError(RejectReason.WRONG_ROUND, f"update for round {env.round} while no round is open")
+        except ProtocolError as exc:
+            self._count_rejection(exc, message.topic, collections.Counter())
+
+    def _count_rejection(self, exc: ProtocolError, topic: str, rejected: collections.Counter) -> None:
+        rejected[exc.reason.value] += 1
+        self.rejections[exc.reason.value] += 1
+        log.warning("rejected message on %s: %s", topic, exc)
+
+    def _checkpoint(self, round_: int) -> None:
+        self.evaluator.load(self.global_tensors)
+        state = {
+            "run_id": self.config.run_id,
+            "history": self.history,
+            "initial": self.initial,
+            "rejections": dict(self.rejections),
+            "strategy": self.strategy.state_dict(),
+            "registry": self.registry.snapshot(),
+            "toolkit_version": __version__,
+        }
+        self.checkpoints.save(round_, self.evaluator.model, state, base_model=self.config.model)
+        self._write_outputs()
+
+    def _publish_result(self, round_: int, record: dict[str, Any]) -> None:
+        env = Envelope(
+            kind="round_result", run=self.config.run_id, sender=self.config.node_id, round=round_, data=record
+        )
+        self.transport.publish(Message(self.topics.metrics, envelope_to_bytes(env), retain=True))
+
+    def _publish_finished(self) -> None:
+        env = Envelope(
+            kind="finished",
+            run=self.config.run_id,
+            sender=self.config.node_id,
+            round=self.config.rounds,
+            data={"rounds": self.config.rounds},
+        )
+        payload = envelope_to_bytes(env)
+        # Replace the retained instruction so late joiners learn the run is over, not a stale round.
+        self.transport.publish(Message(self.topics.instruction, payload, retain=True))
+        self.transport.publish(self._coordinator_status("finished"))
+
+    # -- outputs -------------------------------------------------------------------------
+    def report(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        return {
+            "run_id": self.config.run_id,
+            "toolkit_version": __version__,
+            "model": self.config.model,
+            "recipe": self.config.recipe,
+            "strategy": self.config.strategy,
+            "rounds_planned": self.config.rounds,
+            "initial": self.initial,
+            "initial_accuracy": (self.initial or {}).get("accuracy"),
+            "rounds": self.history,
+            "final_accuracy": last.get("accuracy"),
+            "rejections": dict(self.rejections),
+            "bytes_up_total": sum(r["bytes_up"] for r in self.history),
+            "bytes_down_total": sum(r["bytes_down"] for r in self.history),
+        }
+
+    def _write_outputs(self) -> None:
+        out = Path(self.config.output_dir)
+        report = self.report()
+        atomic_write_json(out / "report.json", report)
+        save_adapter_dir(self.evaluator.model, out / "global_adapter", base_model=self.config.model)
+        plot_metrics(report, out / "metrics.png")
+
+
+def _pct(evaluation: dict[str, Any] | None) -> str:
+    return "n/a" if not evaluation else f"{evaluation['accuracy'] * 100:.1f}%"

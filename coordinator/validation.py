@@ -1,0 +1,63 @@
+"""Every update is checked before it touches the aggregate; a rejection names its reason."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from coordinator.strategies import ClientUpdate, Tensors
+from flora.errors import ProtocolError, RejectReason
+from flora.modeling.adapter import check_adapter_tensors
+from flora.protocol import Envelope, adapter_from_body
+
+MAX_NUM_EXAMPLES = 10**9
+
+
+def validate_update(
+    env: Envelope,
+    *,
+    topic_node: str,
+    run_id: str,
+    round_: int,
+    selected: set[str],
+    already: set[str],
+    global_tensors: Tensors,
+    max_update_norm: float | None = None,
+    payload_bytes: int = 0,
+) -> ClientUpdate:
+    if env.kind != "update":
+        raise ProtocolError(RejectReason.MALFORMED, f"expected an update, got {env.kind!r}")
+    if env.sender != topic_node:
+        raise ProtocolError(RejectReason.MALFORMED, f"sender {env.sender!r} published on {topic_node!r}'s topic")
+    if env.run != run_id:
+        raise ProtocolError(RejectReason.WRONG_RUN, f"update for run {env.run!r}, this is {run_id!r}")
+    if env.round != round_:
+        raise ProtocolError(RejectReason.WRONG_ROUND, f"update for round {env.round}, round {round_} is open")
+    if env.sender not in selected:
+        raise ProtocolError(RejectReason.NOT_SELECTED, f"{env.sender} was not selected for round {round_}")
+    if env.sender in already:
+        raise ProtocolError(RejectReason.DUPLICATE, f"{env.sender} already sent an update for round {round_}")
+    num_examples = env.data.get("num_examples")
+    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or not 0 < num_examples <= MAX_NUM_EXAMPLES:
+        raise ProtocolError(RejectReason.BAD_METRICS, f"num_examples must be a positive integer, got {num_examples!r}")
+    metrics = env.data.get("metrics", {})
+    if not isinstance(metrics, dict):
+        raise ProtocolError(RejectReason.BAD_METRICS, "metrics must be a JSON object")
+    tensors = adapter_from_body(env.body, env.body_meta)  # format, dtype, finiteness
+    check_adapter_tensors(global_tensors, tensors)  # names and shapes
+    if max_update_norm is not None:
+        norm = math.sqrt(sum(float(np.sum((tensors[k] - global_tensors[k]) ** 2)) for k in global_tensors))
+        if norm > max_update_norm:
+            raise ProtocolError(RejectReason.NORM_BOUND, f"update norm {norm:.4g} exceeds {max_update_norm:.4g}")
+    return ClientUpdate(env.sender, round_, tensors, num_examples, finite_numbers(metrics), payload_bytes)
+
+
+def finite_numbers(metrics: dict) -> dict[str, float]:
+    """Keep only finite numeric metrics: a client must not be able to break aggregation or the checkpoint
+    (json.loads accepts NaN; strings would break sums)."""
+    return {
+        str(k)[:64]: float(v)
+        for k, v in list(metrics.items())[:64]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }

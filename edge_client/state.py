@@ -1,0 +1,60 @@
+"""Progress that survives a reboot: the last round trained and the update not yet acknowledged.
+
+Written atomically (temp file, fsync, rename), so a power cut leaves the old state or the new,
+never half of one. The pending update is kept as the exact bytes that were published, so a
+restarted agent re-sends the same update rather than training twice for one instruction.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from flora.files import atomic_write_bytes
+
+
+@dataclass
+class ClientState:
+    run_id: str = ""
+    last_round_trained: int = -1
+    pending_round: int | None = None  # round of the update in pending_update.bin, until acknowledged
+
+
+class StateStore:
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self.state_path = self.directory / "state.json"
+        self.pending_path = self.directory / "pending_update.bin"
+
+    def load(self, run_id: str) -> ClientState:
+        if not self.state_path.is_file():
+            return ClientState(run_id=run_id)
+        try:
+            raw = json.loads(self.state_path.read_text())
+            state = ClientState(**raw)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise RuntimeError(
+                f"client state {self.state_path} is corrupt ({exc}); delete it to start afresh"
+            ) from None
+        if state.run_id != run_id:  # a new run: old progress does not apply
+            return ClientState(run_id=run_id)
+        return state
+
+    def save(self, state: ClientState) -> None:
+        atomic_write_bytes(self.state_path, json.dumps(asdict(state), indent=2).encode())
+
+    def save_pending(self, state: ClientState, round_: int, payload: bytes) -> None:
+        atomic_write_bytes(self.pending_path, payload)
+        state.last_round_trained = round_
+        state.pending_round = round_
+        self.save(state)
+
+    def pending_payload(self) -> bytes | None:
+        return self.pending_path.read_bytes() if self.pending_path.is_file() else None
+
+    def acknowledge(self, state: ClientState, round_: int) -> None:
+        if state.pending_round == round_:
+            state.pending_round = None
+            self.save(state)
+            self.pending_path.unlink(missing_ok=True)

@@ -1,0 +1,13 @@
+"""FLoRA Edge: federated fine-tuning of CLIP with LoRA on edge devices, coordinated over MQTT.
+
+The `flora` package is the shared core that every role imports: the wire protocol, the
+transport, model loading and LoRA recipes, data and partitioners. It never imports a role
+(`edge_client`, `coordinator`, `export`), except from the composition roots `flora.cli`
+and `flora.demo`.
+"""
+
+__version__ = "0.1.0"
+
+from flora.errors import ConfigError, FloraError, ProtocolError, RejectReason
+
+__all__ = ["ConfigError", "FloraError", "ProtocolError", "RejectReason", "__version__"]

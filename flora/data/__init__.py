@@ -1,0 +1,1 @@
+"""Local datasets, partitioners and CLIP preprocessing. Data never leaves the device."""

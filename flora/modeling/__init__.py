@@ -1,0 +1,1 @@
+"""CLIP loading, quantization, LoRA recipes and adapter tensors. Knows nothing of federation."""

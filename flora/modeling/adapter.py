@@ -1,0 +1,100 @@
+"""Attach LoRA from a recipe, and read or write the adapter's tensors by their PEFT names.
+
+Names are those of `adapter_model.safetensors` in a PEFT adapter directory (the adapter name
+stripped), so what travels on the wire is exactly what `PeftModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flora.errors import ProtocolError, RejectReason
+from flora.modeling.recipes import LoraRecipe
+
+
+def attach_lora(model: Any, recipe: LoraRecipe, *, seed: int = 0):
+    """Wrap `model` in a PeftModel. A fixed seed gives every party the same initial A matrices."""
+    import torch
+    from peft import get_peft_model
+
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(model, recipe.to_lora_config())
+    finally:
+        torch.random.set_rng_state(state)
+    return peft_model
+
+
+def get_adapter_state(peft_model: Any) -> dict[str, Any]:
+    """The adapter's tensors, detached fp32 CPU copies, keyed by PEFT names."""
+    import torch
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model)
+    return {name: t.detach().to("cpu", torch.float32).clone() for name, t in sorted(state.items())}
+
+
+def check_adapter_tensors(expected: dict[str, Any], received: dict[str, Any]) -> None:
+    """Raise ProtocolError unless `received` has exactly the names and shapes of `expected`."""
+    missing = sorted(set(expected) - set(received))
+    extra = sorted(set(received) - set(expected))
+    if missing or extra:
+        raise ProtocolError(
+            RejectReason.TENSOR_NAMES,
+            f"adapter tensors do not match the recipe: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}",
+        )
+    for name, ref in expected.items():
+        if tuple(received[name].shape) != tuple(ref.shape):
+            raise ProtocolError(
+                RejectReason.TENSOR_SHAPES,
+                f"{name}: shape {tuple(received[name].shape)}, expected {tuple(ref.shape)} "
+                "(client and coordinator must use the same recipe)",
+            )
+
+
+def set_adapter_state(peft_model: Any, tensors: dict[str, Any]) -> None:
+    """Load tensors into the adapter after checking names and shapes (never a partial load)."""
+    from peft import set_peft_model_state_dict
+
+    check_adapter_tensors(get_adapter_state(peft_model), tensors)
+    result = set_peft_model_state_dict(peft_model, tensors)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ProtocolError(RejectReason.TENSOR_NAMES, f"PEFT did not accept {unexpected[:3]}")
+
+
+def save_adapter_dir(peft_model: Any, out_dir: str | Path, *, base_model: str | None = None) -> Path:
+    """Write a standard PEFT adapter directory atomically (write aside, then swap in)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if base_model is not None:
+            peft_model.peft_config["default"].base_model_name_or_path = base_model
+        peft_model.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        old = out.with_name(f".{out.name}.old")
+        if out.exists():
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,154 @@
+"""Versioned message envelope: a JSON header and an optional binary body in one MQTT payload.
+
+Layout (all integers big-endian):
+
+    b"FLRA" | u32 header length | header (UTF-8 JSON object) | body (header["body"]["size"] bytes)
+
+The header names protocol version, kind, run, round and sender; a body (an adapter as
+safetensors bytes) is described by its format, dtype, size and sha256. Decoding checks every
+field and raises ProtocolError with a reason; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+import struct
+import time
+import uuid
+from typing import Any
+
+from flora.errors import ProtocolError, RejectReason
+
+MAGIC = b"FLRA"
+PROTOCOL_VERSION = "1.0"
+MAX_HEADER_BYTES = 64 * 1024
+
+KINDS = ("status", "train", "update", "round_result", "finished")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+
+def check_id(value: Any, what: str) -> str:
+    """Run and node ids become MQTT topic levels, so no '/', '+', '#' or spaces."""
+    if not isinstance(value, str) or not _ID.match(value):
+        raise ProtocolError(
+            RejectReason.MALFORMED,
+            f"{what} {value!r} must be 1-128 characters of letters, digits, '_', '.', '-'",
+        )
+    return value
+
+
+@dataclasses.dataclass
+class Envelope:
+    kind: str
+    run: str
+    sender: str
+    round: int | None = None
+    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    body: bytes = b""
+    body_meta: dict[str, Any] | None = None  # format, dtype, encoding: set by the codec
+    msg_id: str = dataclasses.field(default_factory=lambda: uuid.uuid4().hex)
+    sent_at: float = dataclasses.field(default_factory=time.time)
+    version: str = PROTOCOL_VERSION
+
+
+def envelope_to_bytes(env: Envelope) -> bytes:
+    if env.kind not in KINDS:
+        raise ValueError(f"unknown envelope kind {env.kind!r}")
+    check_id(env.run, "run id")
+    check_id(env.sender, "sender id")
+    header: dict[str, Any] = {
+        "v": env.version,
+        "kind": env.kind,
+        "run": env.run,
+        "round": env.round,
+        "sender": env.sender,
+        "msg_id": env.msg_id,
+        "sent_at": env.sent_at,
+        "data": env.data,
+        "body": None,
+    }
+    if env.body:
+        header["body"] = {
+            **(env.body_meta or {}),
+            "size": len(env.body),
+            "sha256": hashlib.sha256(env.body).hexdigest(),
+        }
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ValueError(f"envelope header is {len(raw)} bytes, over the {MAX_HEADER_BYTES} limit")
+    return MAGIC + struct.pack(">I", len(raw)) + raw + env.body
+
+
+def major(version: str) -> int:
+    try:
+        return int(str(version).split(".", 1)[0])
+    except ValueError:
+        raise ProtocolError(RejectReason.MALFORMED, f"protocol version {version!r} is not MAJOR.MINOR") from None
+
+
+def envelope_from_bytes(payload: bytes) -> Envelope:
+    """Parse and check an envelope. Raises ProtocolError; never returns a half-valid object."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ProtocolError(RejectReason.MALFORMED, "payload is not bytes")
+    payload = bytes(payload)
+    if len(payload) < 8 or payload[:4] != MAGIC:
+        raise ProtocolError(RejectReason.MALFORMED, "payload does not start with the FLRA magic")
+    (header_len,) = struct.unpack(">I", payload[4:8])
+    if header_len > MAX_HEADER_BYTES or 8 + header_len > len(payload):
+        raise ProtocolError(RejectReason.MALFORMED, f"declared header length {header_len} is out of bounds")
+    try:
+        header = json.loads(payload[8 : 8 + header_len].decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(RejectReason.MALFORMED, f"header is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(RejectReason.MALFORMED, "header is not a JSON object")
+    version = header.get("v")
+    if major(version) != major(PROTOCOL_VERSION):
+        raise ProtocolError(
+            RejectReason.VERSION,
+            f"protocol {version} is incompatible with {PROTOCOL_VERSION}; upgrade the older side",
+        )
+    kind = header.get("kind")
+    if kind not in KINDS:
+        raise ProtocolError(RejectReason.MALFORMED, f"unknown kind {kind!r}")
+    round_ = header.get("round")
+    if round_ is not None and (not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0):
+        raise ProtocolError(RejectReason.MALFORMED, f"round must be a non-negative integer, got {round_!r}")
+    data = header.get("data", {})
+    if not isinstance(data, dict):
+        raise ProtocolError(RejectReason.MALFORMED, "data must be a JSON object")
+    body = payload[8 + header_len :]
+    meta = header.get("body")
+    if meta is None:
+        if body:
+            raise ProtocolError(RejectReason.MALFORMED, f"{len(body)} body bytes but no body description")
+    else:
+        if (
+            not isinstance(meta, dict)
+            or not isinstance(meta.get("size"), int)
+            or not isinstance(meta.get("sha256"), str)
+        ):
+            raise ProtocolError(RejectReason.MALFORMED, "body description needs integer size and sha256")
+        if meta["size"] != len(body):
+            raise ProtocolError(RejectReason.MALFORMED, f"body is {len(body)} bytes, header says {meta['size']}")
+        if hashlib.sha256(body).hexdigest() != meta["sha256"]:
+            raise ProtocolError(RejectReason.CHECKSUM, "body sha256 does not match the header")
+    sent_at = header.get("sent_at", 0.0)
+    msg_id = header.get("msg_id", "")
+    if not isinstance(sent_at, (int, float)) or not isinstance(msg_id, str):
+        raise ProtocolError(RejectReason.MALFORMED, "sent_at must be a number and msg_id a string")
+    return Envelope(
+        kind=kind,
+        run=check_id(header.get("run"), "run id"),
+        sender=check_id(header.get("sender"), "sender id"),
+        round=round_,
+        data=data,
+        body=body,
+        body_meta={k: v for k, v in meta.items() if k not in ("size", "sha256")} if meta else None,
+        msg_id=msg_id,
+        sent_at=float(sent_at),
+        version=str(version),
+    )

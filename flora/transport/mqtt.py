@@ -1,0 +1,184 @@
+"""MQTT transport on paho-mqtt 2.x (callback API version 2), MQTT 3.1.1 for broad broker support.
+
+Reconnects by itself with exponential backoff (paho's loop thread) and re-subscribes on every
+connect. A persistent session (`clean_session=False`) makes the broker queue QoS 1 messages
+for us while we are away: the coordinator uses it so updates sent during a restart survive.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import ssl
+import threading
+import time
+from urllib.parse import unquote, urlparse
+
+import paho.mqtt.client as mqtt
+
+from flora.transport.base import Message, Transport, TransportError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def parse_broker_url(url: str) -> tuple[str, str, int, str | None, str | None]:
+    """mqtt://[user[:password]@]host[:port] -> (scheme, host, port, user, password)."""
+    parsed = urlparse(url)
+    if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname:
+        raise TransportError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
+    try:
+        port = parsed.port or DEFAULT_PORTS[parsed.scheme]
+    except ValueError:
+        raise TransportError(f"broker URL {url!r} has an invalid port") from None
+    user = unquote(parsed.username) if parsed.username else None
+    password = unquote(parsed.password) if parsed.password else None
+    return parsed.scheme, parsed.hostname, port, user, password
+
+
+class MqttTransport(Transport):
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        clean_session: bool = True,
+        username: str | None = None,
+        password: str | None = None,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        keepalive: int = 30,
+        max_message_bytes: int | None = None,
+    ):
+        scheme, self.host, self.port, url_user, url_password = parse_broker_url(url)
+        self.url = url
+        self.client_id = client_id
+        self.max_message_bytes = max_message_bytes
+        self.keepalive = keepalive
+        self._filters: dict[str, int] = {}
+        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._connected = threading.Event()
+        self._refused: str | None = None
+        self._lock = threading.Lock()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=mqtt.MQTTv311,
+            clean_session=clean_session,
+        )
+        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Queue outgoing QoS 1 messages while disconnected rather than failing at once.
+        self._client.max_queued_messages_set(0)
+        user = username or url_user
+        if user:
+            self._client.username_pw_set(user, password or url_password)
+        if scheme == "mqtts":
+            self._client.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+
+    # -- paho callbacks (network thread: keep them short) --------------------------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            self._refused = str(reason_code)
+            log.error("broker %s:%s refused %s: %s", self.host, self.port, self.client_id, reason_code)
+            return
+        self._refused = None
+        with self._lock:
+            filters = list(self._filters.items())
+        for topic_filter, qos in filters:
+            client.subscribe(topic_filter, qos)
+        self._connected.set()
+        log.debug("%s connected to %s:%s", self.client_id, self.host, self.port)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties):
+        was = self._connected.is_set()
+        self._connected.clear()
+        if was and reason_code != 0:
+            log.warning("%s lost the broker (%s); reconnecting with backoff", self.client_id, reason_code)
+
+    def _on_message(self, client, userdata, msg):
+        self.bytes_received += len(msg.payload)
+        self._inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+
+    # -- Transport ------------------------------------------------------------------------
+    def connect(self, *, will: Message | None = None, timeout: float = 30.0) -> None:
+        if will is not None:
+            self._client.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        deadline = time.monotonic() + timeout
+        delay = 0.5
+        while True:
+            try:
+                self._client.connect(self.host, self.port, keepalive=self.keepalive)
+                break
+            except (OSError, ssl.SSLError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise TransportError(
+                        f"cannot reach broker {self.url} after {timeout:.0f}s: {exc}. "
+                        "Is the broker running and the URL right?"
+                    ) from None
+                log.info("broker %s not reachable (%s); retrying in %.1fs", self.url, exc, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        self._client.loop_start()
+        while not self._connected.wait(0.1):
+            if self._refused is not None:
+                self.close()
+                raise TransportError(
+                    f"broker {self.url} refused client {self.client_id!r}: {self._refused}. "
+                    "Check the username, password and ACL for this device."
+                )
+            if time.monotonic() > deadline:
+                self.close()
+                raise TransportError(f"no CONNACK from {self.url} within {timeout:.0f}s")
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        with self._lock:
+            self._filters[topic_filter] = qos
+        if self._connected.is_set():
+            result, _ = self._client.subscribe(topic_filter, qos)
+            if result != mqtt.MQTT_ERR_SUCCESS:
+                raise TransportError(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(result)}")
+
+    def publish(self, message: Message, *, timeout: float = 30.0) -> None:
+        size = len(message.payload)
+        if self.max_message_bytes is not None and size > self.max_message_bytes:
+            # paho does not enforce the broker's limit: an oversize QoS 1 publish would be
+            # dropped by the broker, reconnected and resent forever. Refuse it here instead.
+            raise TransportError(
+                f"message on {message.topic} is {size} bytes, over the {self.max_message_bytes}-byte "
+                "limit configured for this broker; raise max_message_bytes or enable chunking"
+            )
+        info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            raise TransportError(f"publish to {message.topic} failed: {mqtt.error_string(info.rc)}")
+        if message.qos > 0:
+            deadline = time.monotonic() + timeout
+            while not info.is_published():
+                if time.monotonic() > deadline:
+                    raise TransportError(f"broker did not acknowledge {message.topic} within {timeout:.0f}s")
+                time.sleep(0.01)
+        self.bytes_sent += size
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        try:
+            return self._inbox.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self._connected.clear()
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
