@@ -24,6 +24,8 @@ class CoordinatorConfig:
     username: str | None = field(None, help="broker username")
     password: str | None = field(None, help="broker password")
     ca_file: str | None = field(None, help="CA certificate for mqtts://")
+    cert_file: str | None = field(None, help="client certificate for mqtts:// (optional)")
+    key_file: str | None = field(None, help="client private key for mqtts:// (optional)")
     recipe: str = field("paper", help="LoRA recipe every client uses")
     rounds: int = field(10, help="number of federated rounds")
     clients_per_round_fraction: float = field(1.0, help="fraction of online clients selected per round")

@@ -11,22 +11,14 @@ from coordinator.strategies import make_strategy
 from flora.data.datasets import load_image_folder
 from flora.modeling.loading import load_clip
 from flora.modeling.recipes import get_recipe
-from flora.transport import connect_transport
+from flora.transport import transport_for
 
 
 def build_coordinator(config: CoordinatorConfig) -> Coordinator:
     data = load_image_folder(config.eval_data_dir) if config.eval_data_dir else None
     clip = load_clip(config.model, device=config.device)
     evaluator = Evaluator(clip, get_recipe(config.recipe), data, template=config.prompt_template, seed=config.seed)
-    transport = connect_transport(
-        config.broker_url,
-        config.node_id,
-        clean_session=False,
-        username=config.username,
-        password=config.password,
-        ca_file=config.ca_file,
-        max_message_bytes=config.max_message_bytes,
-    )
+    transport = transport_for(config)
     return Coordinator(config, transport, evaluator, make_strategy(config.strategy))
 
 

@@ -80,6 +80,8 @@ class Coordinator:
         if self.next_round <= self.config.rounds:
             # A run extended after it finished (more rounds) must not leave clients reading "finished".
             self.transport.publish(Message(self.topics.instruction, b"", retain=True))
+        if saved is None:  # a fresh run on a reused broker: forget an earlier run's last round result
+            self.transport.publish(Message(self.topics.metrics, b"", retain=True))
         self.transport.publish(self._coordinator_status("online"))
 
     def _resume(self, saved: dict[str, Any]) -> None:

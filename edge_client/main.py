@@ -10,7 +10,7 @@ from edge_client.trainer import LocalTrainer
 from flora.data.datasets import load_image_folder
 from flora.modeling.loading import load_clip
 from flora.modeling.recipes import get_recipe
-from flora.transport import connect_transport
+from flora.transport import transport_for
 
 log = logging.getLogger(__name__)
 
@@ -25,17 +25,7 @@ def build_agent(config: ClientConfig, *, progress: bool = True) -> EdgeAgent:
     trainer = LocalTrainer(
         clip, get_recipe(config.recipe), data, seed=config.seed, max_batch_size=config.batch_size, progress=progress
     )
-    transport = connect_transport(
-        config.broker_url,
-        config.node_id,
-        clean_session=False,
-        username=config.username,
-        password=config.password,
-        ca_file=config.ca_file,
-        cert_file=config.cert_file,
-        key_file=config.key_file,
-        max_message_bytes=config.max_message_bytes,
-    )
+    transport = transport_for(config)
     return EdgeAgent(config, transport, trainer)
 
 

@@ -27,6 +27,9 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot;
+    # its built-in fallback is what runs offline, so the warning is noise for users.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -174,7 +174,7 @@ def _watch(
                     f"client-{dead[0]} exited with an error; see {settings.out / 'logs'}/client-{dead[0]}.log"
                 )
             message = observer.receive(timeout=0.5)
-            if message is None:
+            if message is None or not message.payload:  # empty: a cleared retained topic
                 continue
             env = envelope_from_bytes(message.payload)
             if env.kind == "round_result" and env.round not in records:

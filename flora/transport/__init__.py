@@ -3,7 +3,15 @@
 from flora.transport.base import Message, Transport, TransportError
 from flora.transport.memory import MemoryBroker, MemoryTransport
 
-__all__ = ["MemoryBroker", "MemoryTransport", "Message", "Transport", "TransportError", "connect_transport"]
+__all__ = [
+    "MemoryBroker",
+    "MemoryTransport",
+    "Message",
+    "Transport",
+    "TransportError",
+    "connect_transport",
+    "transport_for",
+]
 
 
 def connect_transport(url: str, client_id: str, **kwargs) -> Transport:
@@ -13,3 +21,21 @@ def connect_transport(url: str, client_id: str, **kwargs) -> Transport:
     from flora.transport.mqtt import MqttTransport
 
     return MqttTransport(url, client_id, **kwargs)
+
+
+def transport_for(settings, *, clean_session: bool = False) -> Transport:
+    """The transport a role's settings describe (broker_url, node_id, credentials, TLS files, size limit).
+
+    Persistent sessions by default: the broker queues QoS 1 messages for a role while it restarts.
+    """
+    return connect_transport(
+        settings.broker_url,
+        settings.node_id,
+        clean_session=clean_session,
+        username=settings.username,
+        password=settings.password,
+        ca_file=settings.ca_file,
+        cert_file=settings.cert_file,
+        key_file=settings.key_file,
+        max_message_bytes=settings.max_message_bytes,
+    )
