@@ -15,10 +15,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from flora.files import atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
 
 KEEP_ROUNDS = 2
+STRATEGY_FILE = "strategy_state.safetensors"  # server-optimizer moments; not part of the PEFT adapter
 
 
 class CheckpointStore:
@@ -40,12 +43,33 @@ class CheckpointStore:
         state["adapter_dir"] = str(self.directory / state["adapter_dir"])
         return state
 
-    def save(self, round_: int, peft_model: Any, state: dict[str, Any], *, base_model: str) -> Path:
+    def save(
+        self,
+        round_: int,
+        peft_model: Any,
+        state: dict[str, Any],
+        *,
+        base_model: str,
+        strategy_state: dict | None = None,
+    ) -> Path:
+        """Adapter dir (+ server-optimizer state beside it), complete before state.json names it."""
+        from safetensors.numpy import save_file
+
         relative = Path("rounds") / f"{round_:06d}"
         adapter_dir = save_adapter_dir(peft_model, self.directory / relative, base_model=base_model)
+        if strategy_state:
+            tmp = adapter_dir / f".{STRATEGY_FILE}.partial"
+            save_file({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, str(tmp))
+            tmp.replace(adapter_dir / STRATEGY_FILE)
         atomic_write_json(self.state_path, {**state, "round": round_, "adapter_dir": str(relative)})
         self._prune(keep=relative.name)
         return adapter_dir
+
+    def load_strategy_state(self, state: dict[str, Any]) -> dict[str, np.ndarray]:
+        from safetensors.numpy import load_file
+
+        path = Path(state["adapter_dir"]) / STRATEGY_FILE
+        return load_file(str(path)) if path.is_file() else {}
 
     def _prune(self, keep: str) -> None:
         rounds = sorted(p for p in (self.directory / "rounds").iterdir() if p.is_dir() and not p.name.startswith("."))

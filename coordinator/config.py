@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from coordinator.strategies import STRATEGIES
+from coordinator.strategies import STRATEGIES, make_strategy
 from flora.config import field, load_config
 from flora.errors import ConfigError, ProtocolError
 from flora.modeling.recipes import get_recipe
@@ -35,7 +35,10 @@ class CoordinatorConfig:
     round_deadline_s: float = field(300.0, help="seconds a round waits for updates")
     wait_for_clients_s: float = field(600.0, help="seconds to wait for min_available_clients")
     max_round_attempts: int = field(3, help="retries (fresh selection) of a round below quorum")
-    strategy: str = field("fedavg", help="aggregation strategy")
+    strategy: str = field("fedavg", help="aggregation strategy: " + ", ".join(sorted(STRATEGIES)))
+    strategy_params: dict = field(
+        factory=dict, help="strategy parameters, e.g. {mu = 0.01}; clip_norm adds clipping, noise_multiplier central DP"
+    )
     local_epochs: int = field(1, help="local epochs per round")
     learning_rate: float = field(5e-5, help="clients' Adam learning rate (paper: 5e-5)")
     weight_decay: float = field(0.2, help="clients' weight decay (paper: 0.2)")
@@ -59,6 +62,10 @@ class CoordinatorConfig:
         get_recipe(self.recipe)
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(sorted(STRATEGIES))}, got {self.strategy!r}")
+        try:
+            make_strategy(self.strategy, self.strategy_params)
+        except ValueError as exc:
+            raise ConfigError(f"strategy_params: {exc}") from None
         checks = [
             (self.rounds >= 1, "rounds must be >= 1"),
             (0 < self.clients_per_round_fraction <= 1, "clients_per_round_fraction must be in (0, 1]"),

@@ -19,7 +19,7 @@ def build_coordinator(config: CoordinatorConfig) -> Coordinator:
     clip = load_clip(config.model, device=config.device)
     evaluator = Evaluator(clip, get_recipe(config.recipe), data, template=config.prompt_template, seed=config.seed)
     transport = transport_for(config)
-    return Coordinator(config, transport, evaluator, make_strategy(config.strategy))
+    return Coordinator(config, transport, evaluator, make_strategy(config.strategy, config.strategy_params))
 
 
 def run_coordinator(config: CoordinatorConfig) -> dict[str, Any]:

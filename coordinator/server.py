@@ -22,6 +22,7 @@ from coordinator.evaluation import Evaluator
 from coordinator.plots import plot_metrics
 from coordinator.registry import Registry
 from coordinator.strategies import Strategy, Tensors
+from coordinator.strategies.lora import AggregationErrorMeter
 from coordinator.validation import validate_update
 from flora import __version__
 from flora.errors import FloraError, ProtocolError, RejectReason
@@ -93,7 +94,7 @@ class Coordinator:
         self.history = saved.get("history", [])
         self.initial = saved.get("initial")
         self.rejections.update(saved.get("rejections", {}))
-        self.strategy.load_state_dict(saved.get("strategy", {}))
+        self.strategy.load_state_dict(self.checkpoints.load_strategy_state(saved))
         self.next_round = int(saved["round"]) + 1
         log.info("resumed run %s after round %d", self.config.run_id, saved["round"])
 
@@ -158,6 +159,8 @@ class Coordinator:
             ),
             "num_examples": total_examples,
             "client_peak_memory_mb": max(float(u.metrics.get("peak_memory_mb", 0.0)) for u in updates),
+            "aggregation_error": self.error_meter.error(),
+            **self.strategy.round_metrics(),
             "bytes_up": bytes_up,
             "bytes_down": bytes_down,
             "seconds": time.monotonic() - started,
@@ -223,6 +226,7 @@ class Coordinator:
             },
         )
         self.strategy.begin(round_, self.global_tensors)
+        self.error_meter = AggregationErrorMeter(self.global_tensors)
         body, meta = adapter_to_body(self.global_tensors, "float32")
         env = Envelope(
             kind="train",
@@ -260,7 +264,7 @@ class Coordinator:
                     round_=round_,
                     selected=selected,
                     already=set(accepted),
-                    global_tensors=self.global_tensors,
+                    global_tensors=self.strategy.expected_update(self.global_tensors),
                     max_update_norm=self.config.max_update_norm,
                     payload_bytes=len(message.payload),
                 )
@@ -268,6 +272,7 @@ class Coordinator:
                 self._count_rejection(exc, message.topic, rejected)
                 continue
             self.strategy.accumulate(update)
+            self.error_meter.add(update.tensors, update.num_examples)
             accepted[update.node] = update
             bytes_up += len(message.payload)
         return list(accepted.values()), rejected, bytes_up
@@ -291,11 +296,12 @@ class Coordinator:
             "history": self.history,
             "initial": self.initial,
             "rejections": dict(self.rejections),
-            "strategy": self.strategy.state_dict(),
             "registry": self.registry.snapshot(),
             "toolkit_version": __version__,
         }
-        self.checkpoints.save(round_, self.evaluator.model, state, base_model=self.config.model)
+        self.checkpoints.save(
+            round_, self.evaluator.model, state, base_model=self.config.model, strategy_state=self.strategy.state_dict()
+        )
         self._write_outputs()
 
     def _publish_result(self, round_: int, record: dict[str, Any]) -> None:

@@ -37,6 +37,8 @@ class TrainSettings:
     eps: float = 1e-6
     batch_size: int = 128
     prompt_template: str = scoring.DEFAULT_TEMPLATE
+    proximal_mu: float = 0.0  # FedProx: (mu/2)||w - w_global||^2 keeps local training near the global adapter
+    freeze_lora_a: bool = False  # FFA-LoRA: A stays at the shared initialisation; only B trains and travels
 
     @classmethod
     def from_instruction(cls, data: dict[str, Any]) -> TrainSettings:
@@ -44,7 +46,12 @@ class TrainSettings:
         if "betas" in known:
             known["betas"] = tuple(float(b) for b in known["betas"])
         settings = cls(**known)
-        if settings.local_epochs < 1 or settings.batch_size < 1 or not settings.learning_rate > 0:
+        if (
+            settings.local_epochs < 1
+            or settings.batch_size < 1
+            or not settings.learning_rate > 0
+            or settings.proximal_mu < 0
+        ):
             raise ValueError(f"invalid training settings from coordinator: {settings}")
         return settings
 
@@ -89,7 +96,11 @@ class LocalTrainer:
         device = self.clip.device
         prompts = scoring.class_prompts(self.data.class_names, settings.prompt_template)
         prompt_inputs = scoring.tokenize(self.clip.tokenizer, prompts, device)
+        for name, param in self.model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad = not (settings.freeze_lora_a and "lora_A" in name)
         params = [p for p in self.model.parameters() if p.requires_grad]
+        anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
         optimizer = torch.optim.AdamW(
             params,
             lr=settings.learning_rate,
@@ -121,6 +132,8 @@ class LocalTrainer:
                 text = scoring.text_embeddings(self.model, {k: v[classes] for k, v in prompt_inputs.items()})
                 images = scoring.image_embeddings(self.model, self.pixels[idx])
                 loss = scoring.contrastive_loss(images, text, targets, scoring.logit_scale(self.model))
+                if anchors:
+                    loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"local loss became {loss.item()} in round {round_}; lower the learning rate"
@@ -145,4 +158,7 @@ class LocalTrainer:
             "peak_memory_mb": peak,
             "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda") else "process_peak_rss",
         }
-        return self.adapter_state(), metrics
+        tensors = self.adapter_state()
+        if settings.freeze_lora_a:  # A is unchanged: send only B (half the bytes)
+            tensors = {k: v for k, v in tensors.items() if "lora_A" not in k}
+        return tensors, metrics

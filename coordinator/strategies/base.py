@@ -1,9 +1,10 @@
-"""Aggregation strategies: small classes over typed updates, the math in pure functions.
+"""The Strategy interface, the typed client update, and the shared pure helpers.
 
 A Strategy sees a round as: `begin` with the global adapter, `accumulate` each accepted update
-as it arrives (streaming, so memory does not grow with the number of clients), then
-`aggregate` to get the next global adapter. `state_dict` carries anything that must survive a
-restart (server-optimizer moments, for strategies that have them).
+as it arrives, then `aggregate` to get the next global adapter. Linear strategies accumulate
+running sums, so memory does not grow with the number of clients; order statistics (median,
+trimmed mean) must keep every update and say so. `state_dict` holds what must survive a
+restart (server-optimizer moments) as named arrays, saved beside the adapter in a checkpoint.
 """
 
 from __future__ import annotations
@@ -44,12 +45,29 @@ def weighted_mean(items: Iterable[tuple[Tensors, float]]) -> Tensors:
     return {name: (value / total).astype(np.float32) for name, value in acc.items()}
 
 
+def subtract(a: Tensors, b: Tensors) -> Tensors:
+    return {k: np.asarray(a[k], np.float64) - np.asarray(b[k], np.float64) for k in b}
+
+
+def global_norm(tensors: Tensors) -> float:
+    """L2 norm over all tensors together, as if flattened into one vector."""
+    return float(np.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in tensors.values())))
+
+
+def as_float32(tensors: Tensors) -> Tensors:
+    return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+
+
 class Strategy(abc.ABC):
     name: str = ""
 
     def configure_train(self, round_: int, settings: dict[str, Any]) -> dict[str, Any]:
         """Training settings sent to clients with the instruction (FedProx adds its mu here)."""
         return settings
+
+    def expected_update(self, global_tensors: Tensors) -> Tensors:
+        """The tensors a client must send back (FFA-LoRA: only the B matrices)."""
+        return global_tensors
 
     @abc.abstractmethod
     def begin(self, round_: int, global_tensors: Tensors) -> None: ...
@@ -60,36 +78,12 @@ class Strategy(abc.ABC):
     @abc.abstractmethod
     def aggregate(self) -> Tensors: ...
 
-    def state_dict(self) -> dict[str, Any]:
+    def round_metrics(self) -> dict[str, float]:
+        """Scalars about the last aggregation, recorded in the round's metrics."""
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def state_dict(self) -> Tensors:
+        return {}
+
+    def load_state_dict(self, state: Tensors) -> None:
         return None
-
-
-class FedAvg(Strategy):
-    """McMahan et al.: the sample-count-weighted mean of the clients' adapters, accumulated online."""
-
-    name = "fedavg"
-
-    def begin(self, round_: int, global_tensors: Tensors) -> None:
-        self._global = global_tensors
-        self._sum: Tensors = {k: np.zeros_like(v, dtype=np.float64) for k, v in global_tensors.items()}
-        self._weight = 0.0
-
-    def accumulate(self, update: ClientUpdate) -> None:
-        for name, value in update.tensors.items():
-            self._sum[name] += np.asarray(value, dtype=np.float64) * update.num_examples
-        self._weight += update.num_examples
-
-    def aggregate(self) -> Tensors:
-        if self._weight == 0:
-            raise ValueError("FedAvg: no accepted updates this round")
-        return {k: (v / self._weight).astype(np.float32) for k, v in self._sum.items()}
-
-
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
-
-
-def make_strategy(name: str, **params: Any) -> Strategy:
-    return STRATEGIES[name](**params)
