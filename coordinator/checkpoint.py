@@ -21,6 +21,7 @@ from flora.files import atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
 
 KEEP_ROUNDS = 2
+INFLIGHT_FILE = "inflight.json"  # the open round's selection
 STRATEGY_FILE = "strategy_state.safetensors"  # server-optimizer moments; not part of the PEFT adapter
 
 
@@ -64,6 +65,20 @@ class CheckpointStore:
         atomic_write_json(self.state_path, {**state, "round": round_, "adapter_dir": str(relative)})
         self._prune(keep=relative.name)
         return adapter_dir
+
+    def save_inflight(self, round_: int, selected: list[str]) -> None:
+        """Record the open round's selection, so a restarted coordinator can finish the same round."""
+        atomic_write_json(self.directory / INFLIGHT_FILE, {"round": round_, "selected": selected})
+
+    def load_inflight(self, round_: int) -> dict[str, Any] | None:
+        path = self.directory / INFLIGHT_FILE
+        if not path.is_file():
+            return None
+        try:
+            inflight = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # written atomically, so only a damaged disk gets here: start the round afresh
+        return inflight if inflight.get("round") == round_ and inflight.get("selected") else None
 
     def load_strategy_state(self, state: dict[str, Any]) -> dict[str, np.ndarray]:
         from safetensors.numpy import load_file

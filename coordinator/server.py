@@ -34,6 +34,9 @@ from flora.transport import Message, Transport
 log = logging.getLogger(__name__)
 
 
+MAX_EARLY_UPDATES = 10_000  # bound on held updates (a flood must not exhaust memory)
+
+
 class RoundFailed(FloraError):
     """A round stayed below quorum for every allowed attempt. The checkpoint is intact; rerun to resume."""
 
@@ -53,6 +56,7 @@ class Coordinator:
         self.global_tensors: Tensors = {}
         self.next_round = 1
         self._started = False
+        self._early: list[Message] = []  # updates for the next round that arrived before it opened
 
     # -- setup and resume ----------------------------------------------------------------
     def _coordinator_status(self, state: str) -> Message:
@@ -117,13 +121,21 @@ class Coordinator:
     def run_round(self, round_: int) -> dict[str, Any]:
         started = time.monotonic()
         for attempt in range(1, self.config.max_round_attempts + 1):
-            self._wait_for_clients()
-            selected = self.registry.select(
-                fraction=self.config.clients_per_round_fraction,
-                minimum=self.config.min_clients_per_round,
-                seed=self.config.seed * 100_003 + round_ * 101 + attempt,
-                recipe=self.config.recipe,
-            )
+            inflight = self.checkpoints.load_inflight(round_) if attempt == 1 else None
+            if inflight is not None:
+                # We crashed during this round: keep its selection, so the updates the broker queued
+                # for us while we were down (persistent session, QoS 1) are still valid.
+                selected = inflight["selected"]
+                log.info("resuming round %d with its original selection %s", round_, selected)
+            else:
+                self._wait_for_clients()
+                selected = self.registry.select(
+                    fraction=self.config.clients_per_round_fraction,
+                    minimum=self.config.min_clients_per_round,
+                    seed=self.config.seed * 100_003 + round_ * 101 + attempt,
+                    recipe=self.config.recipe,
+                )
+                self.checkpoints.save_inflight(round_, selected)
             bytes_down = self._publish_instruction(round_, selected)
             updates, rejected, bytes_up = self._collect(round_, set(selected))
             if len(updates) >= self.config.quorum:
@@ -212,7 +224,7 @@ class Coordinator:
                 )
             message = self._pump(0.2)
             if message is not None:  # an update while no round is open
-                self._reject_stray(message)
+                self._hold_or_reject(message)
 
     def _publish_instruction(self, round_: int, selected: list[str]) -> int:
         settings = self.strategy.configure_train(
@@ -251,8 +263,9 @@ class Coordinator:
         accepted: dict[str, Any] = {}
         rejected: collections.Counter[str] = collections.Counter()
         bytes_up = 0
+        early, self._early = self._early, []
         while len(accepted) < len(selected) and time.monotonic() < deadline:
-            message = self._pump(min(0.5, max(0.01, deadline - time.monotonic())))
+            message = early.pop(0) if early else self._pump(min(0.5, max(0.01, deadline - time.monotonic())))
             if message is None:
                 continue
             try:
@@ -277,9 +290,14 @@ class Coordinator:
             bytes_up += len(message.payload)
         return list(accepted.values()), rejected, bytes_up
 
-    def _reject_stray(self, message: Message) -> None:
+    def _hold_or_reject(self, message: Message) -> None:
+        """An update before its round opened: keep it if it is for the round about to open (it was
+        queued by the broker while we were down), otherwise reject it."""
         try:
             env = envelope_from_bytes(message.payload)
+            if env.round == self.next_round and len(self._early) < MAX_EARLY_UPDATES:
+                self._early.append(message)
+                return
             raise ProtocolError(RejectReason.WRONG_ROUND, f"update for round {env.round} while no round is open")
         except ProtocolError as exc:
             self._count_rejection(exc, message.topic, collections.Counter())

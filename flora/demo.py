@@ -136,14 +136,14 @@ def _write_configs(
 def _spawn(role: str, config: Path, log_path: Path) -> subprocess.Popen:
     # One BLAS thread per process: N clients share 2 cores without oversubscription.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    log = open(log_path, "wb")  # noqa: SIM115 - the child owns it
-    return subprocess.Popen(
-        [sys.executable, "-m", "flora.cli", role, "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [sys.executable, "-m", "flora.cli", role, "--config", str(config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _watch(
