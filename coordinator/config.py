@@ -10,7 +10,9 @@ from flora.config import field, load_config
 from flora.errors import ConfigError, ProtocolError
 from flora.modeling.recipes import get_recipe
 from flora.modeling.scoring import DEFAULT_TEMPLATE
+from flora.protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from flora.protocol.envelope import check_id
+from flora.protocol.wire_settings import wire_settings_problem
 
 ENV_PREFIX = "FLORA_COORDINATOR_"
 
@@ -49,7 +51,13 @@ class CoordinatorConfig:
     output_dir: Path | None = field(None, help="report.json, metrics.png, global_adapter/ (default: checkpoint_dir)")
     eval_data_dir: Path | None = field(None, help="held-out image folder for server-side evaluation")
     device: str = field("cpu", help="device for evaluation: cpu, cuda, auto")
-    max_message_bytes: int | None = field(None, help="refuse to publish larger messages (broker limit)")
+    max_message_bytes: int | None = field(
+        DEFAULT_MAX_MESSAGE_BYTES, help="largest MQTT packet the broker takes; bigger messages go as chunks"
+    )
+    wire_encoding: str = field(
+        "float32", help="global adapter on the wire: float32 (lossless), float16, bfloat16, int8-tensor, int8-channel"
+    )
+    wire_compression: str = field("none", help="compression of the global adapter: none or zstd")
     seed: int = field(0, help="seeds client selection and the initial adapter")
     log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
 
@@ -87,6 +95,11 @@ class CoordinatorConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        problem = wire_settings_problem(
+            max_message_bytes=self.max_message_bytes, encoding=self.wire_encoding, compression=self.wire_compression
+        )
+        if problem:
+            raise ConfigError(problem)
         if self.output_dir is None:
             self.output_dir = self.checkpoint_dir
 

@@ -30,10 +30,12 @@ from flora.files import atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
 from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes, envelope_to_bytes
 from flora.transport import Message, Transport
+from flora.transport.base import RECONNECTED
 
 log = logging.getLogger(__name__)
 
 
+PLOT_INTERVAL_S = 30.0
 MAX_EARLY_UPDATES = 10_000  # bound on held updates (a flood must not exhaust memory)
 
 
@@ -56,7 +58,9 @@ class Coordinator:
         self.global_tensors: Tensors = {}
         self.next_round = 1
         self._started = False
-        self._early: list[Message] = []  # updates for the next round that arrived before it opened
+        self._instruction: Message | None = None  # the open round's, re-published after a reconnect
+        self._early: list[Message] = []
+        self._last_plot = float("-inf")  # updates for the next round that arrived before it opened
 
     # -- setup and resume ----------------------------------------------------------------
     def _coordinator_status(self, state: str) -> Message:
@@ -196,6 +200,9 @@ class Coordinator:
     def _pump(self, timeout: float) -> Message | None:
         """Receive one message; status messages update the registry and are consumed here."""
         message = self.transport.receive(timeout=timeout)
+        if message is not None and message.topic == RECONNECTED:
+            self._announce_after_reconnect()
+            return None
         if message is not None and not message.payload:
             return None  # a cleared retained topic, not a message
         if message is None or "/status/" not in message.topic:
@@ -203,7 +210,10 @@ class Coordinator:
         try:
             env = envelope_from_bytes(message.payload)
         except ProtocolError as exc:
-            log.warning("dropped status on %s: %s", message.topic, exc)
+            if exc.reason is RejectReason.VERSION:  # a client on another major version: count it, say it loudly
+                self._count_rejection(exc, message.topic, collections.Counter())
+            else:
+                log.warning("dropped status on %s: %s", message.topic, exc)
             return None
         if env.sender != Topics.node_of(message.topic):
             log.warning("dropped status: %s published on %s", env.sender, message.topic)
@@ -212,6 +222,13 @@ class Coordinator:
             info = self.registry.update(env.sender, env.data)
             log.debug("node %s is %s", env.sender, info.state)
         return None
+
+    def _announce_after_reconnect(self) -> None:
+        """After a broker restart: say we are online again and re-publish the open round's instruction
+        (a broker without persistence has forgotten the retained copy)."""
+        self.transport.publish(self._coordinator_status("online"))
+        if self._instruction is not None:
+            self.transport.publish(self._instruction)
 
     def _wait_for_clients(self) -> None:
         deadline = time.monotonic() + self.config.wait_for_clients_s
@@ -239,7 +256,7 @@ class Coordinator:
         )
         self.strategy.begin(round_, self.global_tensors)
         self.error_meter = AggregationErrorMeter(self.global_tensors)
-        body, meta = adapter_to_body(self.global_tensors, "float32")
+        body, meta = adapter_to_body(self.global_tensors, self.config.wire_encoding, self.config.wire_compression)
         env = Envelope(
             kind="train",
             run=self.config.run_id,
@@ -255,7 +272,8 @@ class Coordinator:
             body_meta=meta,
         )
         payload = envelope_to_bytes(env)
-        self.transport.publish(Message(self.topics.instruction, payload, qos=1, retain=True))
+        self._instruction = Message(self.topics.instruction, payload, qos=1, retain=True)
+        self.transport.publish(self._instruction)
         return len(payload) * len(selected)  # what the selected clients download
 
     def _collect(self, round_: int, selected: set[str]):
@@ -305,7 +323,8 @@ class Coordinator:
     def _count_rejection(self, exc: ProtocolError, topic: str, rejected: collections.Counter) -> None:
         rejected[exc.reason.value] += 1
         self.rejections[exc.reason.value] += 1
-        log.warning("rejected message on %s: %s", topic, exc)
+        level = logging.ERROR if exc.reason is RejectReason.VERSION else logging.WARNING
+        log.log(level, "rejected message on %s: %s", topic, exc)
 
     def _checkpoint(self, round_: int) -> None:
         self.evaluator.load(self.global_tensors)
@@ -365,7 +384,12 @@ class Coordinator:
         report = self.report()
         atomic_write_json(out / "report.json", report)
         save_adapter_dir(self.evaluator.model, out / "global_adapter", base_model=self.config.model)
-        plot_metrics(report, out / "metrics.png")
+        # Drawing costs ~0.35 s (measured by bench/coordinator_scale.py): redraw at most every
+        # PLOT_INTERVAL_S during a run, and always after the last round.
+        final = self.history and self.history[-1]["round"] >= self.config.rounds
+        if final or time.monotonic() - self._last_plot >= PLOT_INTERVAL_S:
+            plot_metrics(report, out / "metrics.png")
+            self._last_plot = time.monotonic()
 
 
 def _pct(evaluation: dict[str, Any] | None) -> str:

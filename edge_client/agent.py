@@ -19,7 +19,7 @@ from edge_client.capabilities import detect_capabilities
 from edge_client.config import ClientConfig
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
-from flora.errors import ProtocolError
+from flora.errors import ProtocolError, RejectReason
 from flora.protocol import (
     Envelope,
     Topics,
@@ -29,6 +29,7 @@ from flora.protocol import (
     envelope_to_bytes,
 )
 from flora.transport import Message, Transport
+from flora.transport.base import RECONNECTED
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,18 @@ class EdgeAgent:
             self.stop()
 
     def handle(self, message: Message) -> None:
+        if message.topic == RECONNECTED:
+            self.transport.publish(self._status("online"))  # our Will may have fired meanwhile
+            return
         if not message.payload:
             return  # a cleared retained topic
         try:
             env = envelope_from_bytes(message.payload)
         except ProtocolError as exc:
-            log.warning("dropped message on %s: %s", message.topic, exc)
+            if exc.reason is RejectReason.VERSION:  # no retry can fix this: an operator must upgrade one side
+                log.error("cannot take part: the message on %s is refused: %s", message.topic, exc)
+            else:
+                log.warning("dropped message on %s: %s", message.topic, exc)
             return
         if env.run != self.config.run_id:
             log.warning("dropped %s for run %s (this agent is in run %s)", env.kind, env.run, self.config.run_id)
@@ -144,7 +151,7 @@ class EdgeAgent:
         except (ProtocolError, FloatingPointError) as exc:
             log.error("round %d: local training failed: %s", round_, exc)
             return
-        body, meta = adapter_to_body(tensors, self.config.wire_dtype)
+        body, meta = adapter_to_body(tensors, self.config.wire_encoding, self.config.wire_compression)
         update = Envelope(
             kind="update",
             run=self.config.run_id,

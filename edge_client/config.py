@@ -9,7 +9,9 @@ from flora.config import field, load_config
 from flora.errors import ConfigError, ProtocolError
 from flora.modeling.loading import COMPUTE_DTYPES, QUANTIZATIONS
 from flora.modeling.recipes import get_recipe
+from flora.protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
 from flora.protocol.envelope import check_id
+from flora.protocol.wire_settings import wire_settings_problem
 
 ENV_PREFIX = "FLORA_CLIENT_"
 DATA_FORMATS = ("image-folder",)
@@ -34,8 +36,13 @@ class ClientConfig:
     device: str = field("auto", help="auto, cuda or cpu")
     batch_size: int = field(32, help="largest local batch size")
     state_dir: Path = field(Path("flora-client-state"), help="where progress survives a reboot")
-    max_message_bytes: int | None = field(None, help="refuse to publish larger messages (broker limit)")
-    wire_dtype: str = field("float32", help="dtype of the adapter on the wire: float32 or float16")
+    max_message_bytes: int | None = field(
+        DEFAULT_MAX_MESSAGE_BYTES, help="largest MQTT packet the broker takes; bigger messages go as chunks"
+    )
+    wire_encoding: str = field(
+        "float32", help="adapter update on the wire: float32, float16, bfloat16, int8-tensor, int8-channel"
+    )
+    wire_compression: str = field("none", help="compression of the adapter update: none or zstd")
     exit_when_finished: bool = field(False, help="exit when the coordinator ends the run (demo, tests)")
     seed: int = field(0, help="seed for local shuffling")
     log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
@@ -54,8 +61,11 @@ class ClientConfig:
             raise ConfigError(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.wire_dtype not in ("float32", "float16"):
-            raise ConfigError(f"wire_dtype must be float32 or float16, got {self.wire_dtype!r}")
+        problem = wire_settings_problem(
+            max_message_bytes=self.max_message_bytes, encoding=self.wire_encoding, compression=self.wire_compression
+        )
+        if problem:
+            raise ConfigError(problem)
         get_recipe(self.recipe)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -120,7 +121,8 @@ class LocalTrainer:
             total=settings.local_epochs * steps_per_epoch,
             desc=f"round {round_}",
             unit="step",
-            disable=not self.progress,
+            # Only on a terminal: under systemd the bar's carriage returns garble journald's lines.
+            disable=not (self.progress and sys.stderr.isatty()),
             leave=False,
         )
         for _epoch in range(settings.local_epochs):

@@ -78,26 +78,45 @@ def truncate(B: np.ndarray, A: np.ndarray, rank: int) -> tuple[np.ndarray, np.nd
 
 
 class AggregationErrorMeter:
-    """Streams the naive-averaging error for a round: constant memory in the number of clients."""
+    """Streams the naive-averaging error for a round: bounded memory in the number of clients.
+
+    sum_k w_k B_k A_k is accumulated in batches of up to BATCH clients as one stacked product
+    [w_1 B_1 | ... ] @ [A_1; ...]: one rank-(BATCH r) matmul instead of BATCH dense ones
+    (measured: 5 ms per update unbatched at the paper recipe's shape, the coordinator's main cost).
+    """
+
+    BATCH = 32
 
     def __init__(self, global_tensors: Tensors):
         self.global_tensors = global_tensors
         self.pairs = lora_pairs(list(global_tensors))
-        self.products = {p: 0.0 for p in self.pairs}
+        self.products: dict[str, np.ndarray | float] = {p: 0.0 for p in self.pairs}
         self.sum_A = {p: 0.0 for p in self.pairs}
         self.sum_B = {p: 0.0 for p in self.pairs}
+        self.pending: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {p: [] for p in self.pairs}
         self.total = 0.0
 
     def add(self, tensors: Tensors, weight: float) -> None:
         for prefix, (a_name, b_name) in self.pairs.items():
             A = np.asarray(tensors.get(a_name, self.global_tensors[a_name]), np.float64)  # FFA-LoRA sends no A
             B = np.asarray(tensors.get(b_name, self.global_tensors[b_name]), np.float64)
-            self.products[prefix] = self.products[prefix] + weight * (B @ A)
+            self.pending[prefix].append((weight * B, A))
             self.sum_A[prefix] = self.sum_A[prefix] + weight * A
             self.sum_B[prefix] = self.sum_B[prefix] + weight * B
         self.total += weight
+        if len(next(iter(self.pending.values()), [])) >= self.BATCH:
+            self._flush()
+
+    def _flush(self) -> None:
+        for prefix, items in self.pending.items():
+            if items:
+                stacked_B = np.concatenate([b for b, _ in items], axis=1)
+                stacked_A = np.concatenate([a for _, a in items], axis=0)
+                self.products[prefix] = self.products[prefix] + stacked_B @ stacked_A
+                items.clear()
 
     def error(self) -> float:
+        self._flush()
         if self.total == 0 or not self.pairs:
             return 0.0
         squared = 0.0

@@ -26,7 +26,9 @@ MAGIC = b"FLRA"
 PROTOCOL_VERSION = "1.0"
 MAX_HEADER_BYTES = 64 * 1024
 
-KINDS = ("status", "train", "update", "round_result", "finished")
+# "chunk" is one piece of a message split to fit the broker's size limit (flora/protocol/chunking.py);
+# the chunking transport consumes chunks, so roles never see that kind.
+KINDS = ("status", "train", "update", "round_result", "finished", "chunk")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 
@@ -82,35 +84,53 @@ def envelope_to_bytes(env: Envelope) -> bytes:
     return MAGIC + struct.pack(">I", len(raw)) + raw + env.body
 
 
-def major(version: str) -> int:
+def major(version: Any) -> int:
+    if isinstance(version, bool) or not isinstance(version, (str, int, float)):
+        raise ProtocolError(RejectReason.MALFORMED, f"protocol version {version!r} is not MAJOR.MINOR")
     try:
-        return int(str(version).split(".", 1)[0])
+        return int(str(version)[:32].split(".", 1)[0])
     except ValueError:
-        raise ProtocolError(RejectReason.MALFORMED, f"protocol version {version!r} is not MAJOR.MINOR") from None
+        raise ProtocolError(
+            RejectReason.MALFORMED, f"protocol version {str(version)[:32]!r} is not MAJOR.MINOR"
+        ) from None
 
 
-def envelope_from_bytes(payload: bytes) -> Envelope:
-    """Parse and check an envelope. Raises ProtocolError; never returns a half-valid object."""
+def read_header(payload: bytes, *, check_version: bool = True) -> tuple[dict[str, Any], int]:
+    """The JSON header of an envelope and where its body starts; checks only the framing and the version.
+
+    Cheap (the body is neither copied nor hashed), so the chunking transport can route on `kind`.
+    """
     if not isinstance(payload, (bytes, bytearray, memoryview)):
         raise ProtocolError(RejectReason.MALFORMED, "payload is not bytes")
-    payload = bytes(payload)
-    if len(payload) < 8 or payload[:4] != MAGIC:
+    if len(payload) < 8 or bytes(payload[:4]) != MAGIC:
         raise ProtocolError(RejectReason.MALFORMED, "payload does not start with the FLRA magic")
     (header_len,) = struct.unpack(">I", payload[4:8])
     if header_len > MAX_HEADER_BYTES or 8 + header_len > len(payload):
         raise ProtocolError(RejectReason.MALFORMED, f"declared header length {header_len} is out of bounds")
     try:
-        header = json.loads(payload[8 : 8 + header_len].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(RejectReason.MALFORMED, f"header is not UTF-8 JSON: {exc}") from None
+        header = json.loads(bytes(payload[8 : 8 + header_len]).decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer of 4300+ digits, deep nesting
+        raise ProtocolError(RejectReason.MALFORMED, f"header is not UTF-8 JSON: {str(exc)[:200]}") from None
     if not isinstance(header, dict):
         raise ProtocolError(RejectReason.MALFORMED, "header is not a JSON object")
     version = header.get("v")
-    if major(version) != major(PROTOCOL_VERSION):
+    if check_version and major(version) != major(PROTOCOL_VERSION):
+        sender = str(header.get("sender"))[:128]
         raise ProtocolError(
             RejectReason.VERSION,
-            f"protocol {version} is incompatible with {PROTOCOL_VERSION}; upgrade the older side",
+            f"{sender!r} speaks protocol {str(version)[:32]!r}, this node speaks {PROTOCOL_VERSION!r} and only "
+            f"accepts major version {major(PROTOCOL_VERSION)}; run the same major version of flora-edge on the "
+            "coordinator and every client (upgrade the older side)",
         )
+    return header, 8 + header_len
+
+
+def envelope_from_bytes(payload: bytes) -> Envelope:
+    """Parse and check an envelope. Raises ProtocolError; never returns a half-valid object."""
+    header, body_start = read_header(payload)
+    payload = bytes(payload)
+    header_len = body_start - 8
+    version = header.get("v")
     kind = header.get("kind")
     if kind not in KINDS:
         raise ProtocolError(RejectReason.MALFORMED, f"unknown kind {kind!r}")
@@ -138,7 +158,7 @@ def envelope_from_bytes(payload: bytes) -> Envelope:
             raise ProtocolError(RejectReason.CHECKSUM, "body sha256 does not match the header")
     sent_at = header.get("sent_at", 0.0)
     msg_id = header.get("msg_id", "")
-    if not isinstance(sent_at, (int, float)) or not isinstance(msg_id, str):
+    if not isinstance(sent_at, (int, float)) or not isinstance(msg_id, str) or abs(sent_at) > 1e300:
         raise ProtocolError(RejectReason.MALFORMED, "sent_at must be a number and msg_id a string")
     return Envelope(
         kind=kind,

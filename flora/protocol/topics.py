@@ -4,15 +4,22 @@ flora/v1/{run}/instruction        coordinator -> all clients   retained, QoS 1
 flora/v1/{run}/update/{node}      client -> coordinator        QoS 1
 flora/v1/{run}/status/{node}      any node's presence          retained, QoS 1, Last Will
 flora/v1/{run}/metrics            coordinator round results    retained, QoS 1
+
+A message over the broker's size limit travels as chunks (flora/protocol/chunking.py): chunk i of n
+on `{topic}/chunk/{i}` for i < n - 1 and the last chunk on `{topic}` itself, so every retained chunk
+keeps its own slot and replacing the message on `{topic}` orphans the old chunks.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from flora.protocol.envelope import check_id
 
 ROOT = "flora/v1"
+CHUNK_LEVEL = "chunk"
+_CHUNK_TOPIC = re.compile(rf"^(.+)/{CHUNK_LEVEL}/(0|[1-9][0-9]{{0,8}})$")
 
 
 @dataclass(frozen=True)
@@ -52,3 +59,19 @@ class Topics:
 
 ALL_RUNS_STATUS = f"{ROOT}/+/status/+"
 ALL_RUNS_METRICS = f"{ROOT}/+/metrics"
+
+
+def chunk_topic(topic: str, index: int) -> str:
+    """Where chunk `index` (not the last one) of a message for `topic` is published."""
+    return f"{topic}/{CHUNK_LEVEL}/{index}"
+
+
+def split_chunk_topic(topic: str) -> tuple[str, int] | None:
+    """`{topic}/chunk/{i}` -> (topic, i); None for any other topic."""
+    match = _CHUNK_TOPIC.match(topic)
+    return (match.group(1), int(match.group(2))) if match else None
+
+
+def chunk_filter(topic_filter: str) -> str | None:
+    """The filter that also catches the chunk slots of what `topic_filter` matches (None: it already does)."""
+    return None if topic_filter.endswith("#") else f"{topic_filter}/{CHUNK_LEVEL}/+"

@@ -27,8 +27,12 @@ def transport_for(settings, *, clean_session: bool = False) -> Transport:
     """The transport a role's settings describe (broker_url, node_id, credentials, TLS files, size limit).
 
     Persistent sessions by default: the broker queues QoS 1 messages for a role while it restarts.
+    Always wrapped in ChunkingTransport: messages over `max_message_bytes` go out as chunks, and
+    chunks from peers are reassembled even when this node has no limit of its own.
     """
-    return connect_transport(
+    from flora.transport.chunked import ChunkingTransport
+
+    inner = connect_transport(
         settings.broker_url,
         settings.node_id,
         clean_session=clean_session,
@@ -39,3 +43,4 @@ def transport_for(settings, *, clean_session: bool = False) -> Transport:
         key_file=settings.key_file,
         max_message_bytes=settings.max_message_bytes,
     )
+    return ChunkingTransport(inner, settings.max_message_bytes)

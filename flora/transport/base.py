@@ -17,6 +17,11 @@ class TransportError(FloraError):
     """The broker could not be reached, refused us, or a message cannot be sent as it is."""
 
 
+# Posted to a transport's inbox (never sent on the wire) after a *re*-connection, so the role's own
+# thread can re-announce itself: a broker restart may have published our Will ("offline") meanwhile.
+RECONNECTED = "$flora/reconnected"
+
+
 @dataclass(frozen=True)
 class Message:
     topic: str

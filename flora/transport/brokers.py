@@ -89,7 +89,18 @@ class BrokerProcess:
             raise
         return self
 
+    def restart(self, timeout: float = 20.0) -> BrokerProcess:
+        """Stop and start again on the same port with the same files (persistence survives)."""
+        self._terminate()
+        return self.start(timeout)
+
     def stop(self) -> None:
+        self._terminate()
+        if self.workdir is not None:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+            self.workdir = None
+
+    def _terminate(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -97,9 +108,6 @@ class BrokerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        if self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-            self.workdir = None
 
     def __enter__(self):
         return self.start()
@@ -122,12 +130,21 @@ def mosquitto_binary() -> str:
 
 
 def mosquitto_broker(
-    *, port: int | None = None, extra_config: str = "", log_path: Path | None = None, host: str = "127.0.0.1"
+    *,
+    port: int | None = None,
+    extra_config: str = "",
+    log_path: Path | None = None,
+    host: str = "127.0.0.1",
+    persistence: bool = False,
 ) -> BrokerProcess:
-    """Mosquitto 2 with its own config file on a free loopback port (tests control its limits)."""
+    """Mosquitto 2 with its own config file on a free loopback port (tests control its limits).
+
+    With `persistence`, retained messages, sessions and queued QoS 1 messages survive a restart.
+    """
     port = port or free_port(host)
     workdir = Path(tempfile.mkdtemp(prefix="flora-mosquitto-"))
     config = workdir / "mosquitto.conf"
-    base = f"listener {port} {host}\nallow_anonymous true\npersistence false\n"
+    store = f"persistence true\npersistence_location {workdir}/\n" if persistence else "persistence false\n"
+    base = f"listener {port} {host}\nallow_anonymous true\n{store}"
     config.write_text(base + extra_config)
     return BrokerProcess([mosquitto_binary(), "-c", str(config)], host, port, log_path, workdir)

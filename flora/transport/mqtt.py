@@ -16,7 +16,8 @@ from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
 
-from flora.transport.base import Message, Transport, TransportError
+from flora.protocol.chunking import mqtt_publish_packet_size
+from flora.transport.base import RECONNECTED, Message, Transport, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class MqttTransport(Transport):
         self._inbox: queue.Queue[Message] = queue.Queue()
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._ever_connected = False
         self._lock = threading.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -95,7 +97,10 @@ class MqttTransport(Transport):
         for topic_filter, qos in filters:
             client.subscribe(topic_filter, qos)
         self._connected.set()
-        log.debug("%s connected to %s:%s", self.client_id, self.host, self.port)
+        if self._ever_connected:
+            log.info("%s reconnected to %s:%s", self.client_id, self.host, self.port)
+            self._inbox.put(Message(RECONNECTED, b"", qos=0))
+        self._ever_connected = True
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
         was = self._connected.is_set()
@@ -148,23 +153,42 @@ class MqttTransport(Transport):
 
     def publish(self, message: Message, *, timeout: float = 30.0) -> None:
         size = len(message.payload)
-        if self.max_message_bytes is not None and size > self.max_message_bytes:
-            # paho does not enforce the broker's limit: an oversize QoS 1 publish would be
-            # dropped by the broker, reconnected and resent forever. Refuse it here instead.
+        packet = mqtt_publish_packet_size(message.topic, size, message.qos)
+        if self.max_message_bytes is not None and packet > self.max_message_bytes:
+            # paho does not enforce the broker's limit: the broker drops the connection on an oversize
+            # packet, paho reconnects and resends the QoS 1 message, forever. Refuse it here instead.
             raise TransportError(
-                f"message on {message.topic} is {size} bytes, over the {self.max_message_bytes}-byte "
-                "limit configured for this broker; raise max_message_bytes or enable chunking"
+                f"message on {message.topic} is a {packet}-byte MQTT packet ({size} bytes of payload), over the "
+                f"{self.max_message_bytes}-byte max_message_bytes configured for this broker; send it through "
+                "flora.transport.transport_for (which chunks it) or raise max_message_bytes to the broker's limit"
             )
-        info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
-        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
-            raise TransportError(f"publish to {message.topic} failed: {mqtt.error_string(info.rc)}")
-        if message.qos > 0:
-            deadline = time.monotonic() + timeout
-            while not info.is_published():
-                if time.monotonic() > deadline:
-                    raise TransportError(f"broker did not acknowledge {message.topic} within {timeout:.0f}s")
-                time.sleep(0.01)
+        deadline = time.monotonic() + timeout
+        while True:
+            # Through a broker restart or network blip: wait for paho's reconnect rather than fail at once.
+            if not self._connected.wait(max(0.0, deadline - time.monotonic())):
+                raise TransportError(
+                    f"broker {self.url} unreachable for {timeout:.0f}s; could not publish on {message.topic}"
+                )
+            info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                raise TransportError(f"publish to {message.topic} failed: {mqtt.error_string(info.rc)}")
+            if message.qos == 0 or self._wait_for_ack(info, deadline, message.topic, timeout):
+                break
+            # The connection dropped before the broker's acknowledgement: publish again once reconnected.
+            # A duplicate is harmless: every receiver is idempotent under QoS 1's at-least-once delivery.
         self.bytes_sent += size
+
+    def _wait_for_ack(self, info, deadline: float, topic: str, timeout: float) -> bool:
+        """True once acknowledged; False if the connection dropped first (paho then raises RuntimeError)."""
+        while True:
+            try:
+                if info.is_published():
+                    return True
+            except RuntimeError:
+                return False
+            if time.monotonic() > deadline:
+                raise TransportError(f"broker did not acknowledge {topic} within {timeout:.0f}s")
+            time.sleep(0.01)
 
     def receive(self, timeout: float | None = None) -> Message | None:
         try:

