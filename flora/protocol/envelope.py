@@ -24,7 +24,8 @@ from flora.errors import ProtocolError, RejectReason
 
 MAGIC = b"FLRA"
 PROTOCOL_VERSION = "1.0"
-MAX_HEADER_BYTES = 64 * 1024
+# Bounded, yet room for a train instruction naming ~8,000 selected nodes of the longest (128-character) ids.
+MAX_HEADER_BYTES = 1024 * 1024
 
 # "chunk" is one piece of a message split to fit the broker's size limit (flora/protocol/chunking.py);
 # the chunking transport consumes chunks, so roles never see that kind.
