@@ -28,11 +28,22 @@ class CoordinatorConfig:
     ca_file: str | None = field(None, help="CA certificate for mqtts://")
     cert_file: str | None = field(None, help="client certificate for mqtts:// (optional)")
     key_file: str | None = field(None, help="client private key for mqtts:// (optional)")
+    signing_key: Path | None = field(
+        None, help="coordinator's Ed25519 private key (PEM, `flora provision`): signs what it publishes"
+    )
+    device_keys_dir: Path | None = field(
+        None, help="devices' Ed25519 public keys, NODE_ID.pub (`flora provision`): updates are verified against them"
+    )
+    require_signatures: bool | None = field(
+        None, help="reject unsigned updates and statuses (default: true when device_keys_dir is set)"
+    )
     recipe: str = field("paper", help="LoRA recipe every client uses")
     rounds: int = field(10, help="number of federated rounds")
     clients_per_round_fraction: float = field(1.0, help="fraction of online clients selected per round")
     min_clients_per_round: int = field(1, help="select at least this many clients")
     min_available_clients: int = field(1, help="wait until this many clients are online before a round")
+    min_client_memory_mb: float | None = field(None, help="select only clients announcing this much free memory")
+    require_4bit: bool = field(False, help="select only clients whose bitsandbytes 4-bit check passed")
     quorum: int = field(1, help="minimum accepted updates to aggregate a round")
     round_deadline_s: float = field(300.0, help="seconds a round waits for updates")
     wait_for_clients_s: float = field(600.0, help="seconds to wait for min_available_clients")
@@ -50,6 +61,7 @@ class CoordinatorConfig:
     checkpoint_dir: Path = field(Path("flora-checkpoints"), help="state for resuming after a crash")
     output_dir: Path | None = field(None, help="report.json, metrics.png, global_adapter/ (default: checkpoint_dir)")
     eval_data_dir: Path | None = field(None, help="held-out image folder for server-side evaluation")
+    export_dir: Path | None = field(None, help="after the last round, merge and export validated ONNX here")
     device: str = field("cpu", help="device for evaluation: cpu, cuda, auto")
     max_message_bytes: int | None = field(
         DEFAULT_MAX_MESSAGE_BYTES, help="largest MQTT packet the broker takes; bigger messages go as chunks"
@@ -102,6 +114,10 @@ class CoordinatorConfig:
             raise ConfigError(problem)
         if self.output_dir is None:
             self.output_dir = self.checkpoint_dir
+        if self.require_signatures is None:
+            self.require_signatures = self.device_keys_dir is not None
+        if self.require_signatures and self.device_keys_dir is None:
+            raise ConfigError("require_signatures needs device_keys_dir: the devices' public keys (`flora provision`)")
 
 
 def load_coordinator_config(path: str | Path | None = None, **overrides) -> CoordinatorConfig:

@@ -19,8 +19,10 @@ import numpy as np
 from coordinator.checkpoint import CheckpointStore
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
+from coordinator.live_view import RoundView
 from coordinator.plots import plot_metrics
-from coordinator.registry import Registry
+from coordinator.registry import Registry, Requirements
+from coordinator.signatures import Authenticator
 from coordinator.strategies import Strategy, Tensors
 from coordinator.strategies.lora import AggregationErrorMeter
 from coordinator.validation import validate_update
@@ -28,7 +30,7 @@ from flora import __version__
 from flora.errors import FloraError, ProtocolError, RejectReason
 from flora.files import atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
-from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes, envelope_to_bytes
+from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes
 from flora.transport import Message, Transport
 from flora.transport.base import RECONNECTED
 
@@ -51,7 +53,10 @@ class Coordinator:
         self.strategy = strategy
         self.topics = Topics(config.run_id)
         self.registry = Registry()
+        self.view = RoundView(config.run_id, config.rounds)
+        self.requirements = Requirements(config.min_client_memory_mb, config.require_4bit)
         self.checkpoints = CheckpointStore(config.checkpoint_dir)
+        self.auth = Authenticator(config)  # signs what we publish; verifies devices (when keys are configured)
         self.rejections: collections.Counter[str] = collections.Counter()
         self.history: list[dict[str, Any]] = []
         self.initial: dict[str, Any] | None = None
@@ -70,7 +75,7 @@ class Coordinator:
             sender=self.config.node_id,
             data={"state": state, "role": "coordinator", "round": self.next_round - 1},
         )
-        return Message(self.topics.status(self.config.node_id), envelope_to_bytes(env), retain=True)
+        return Message(self.topics.status(self.config.node_id), self.auth.seal(env), retain=True)
 
     def start(self) -> None:
         if self._started:
@@ -110,9 +115,10 @@ class Coordinator:
     def run(self) -> dict[str, Any]:
         self.start()
         try:
-            while self.next_round <= self.config.rounds:
-                self.run_round(self.next_round)
-                self.next_round += 1
+            with self.view:
+                while self.next_round <= self.config.rounds:
+                    self.run_round(self.next_round)
+                    self.next_round += 1
             self._publish_finished()
             return self.report()
         except BaseException:
@@ -138,9 +144,11 @@ class Coordinator:
                     minimum=self.config.min_clients_per_round,
                     seed=self.config.seed * 100_003 + round_ * 101 + attempt,
                     recipe=self.config.recipe,
+                    requirements=self.requirements,
                 )
                 self.checkpoints.save_inflight(round_, selected)
             bytes_down = self._publish_instruction(round_, selected)
+            self.view.open_round(round_, len(selected), self.config.round_deadline_s)
             updates, rejected, bytes_up = self._collect(round_, set(selected))
             if len(updates) >= self.config.quorum:
                 break
@@ -182,6 +190,7 @@ class Coordinator:
             "seconds": time.monotonic() - started,
         }
         self.history.append(record)
+        self.view.close_round(record)
         self._checkpoint(round_)
         self._publish_result(round_, record)
         log.info(
@@ -219,6 +228,8 @@ class Coordinator:
             log.warning("dropped status: %s published on %s", env.sender, message.topic)
             return None
         if env.run == self.config.run_id and env.sender != self.config.node_id and env.kind == "status":
+            if not self.auth.status_ok(message.payload, env):
+                return None
             info = self.registry.update(env.sender, env.data)
             log.debug("node %s is %s", env.sender, info.state)
         return None
@@ -233,10 +244,11 @@ class Coordinator:
     def _wait_for_clients(self) -> None:
         deadline = time.monotonic() + self.config.wait_for_clients_s
         needed = self.config.min_available_clients
-        while len(self.registry.online(self.config.recipe)) < needed:
+        while len(self.registry.online(self.config.recipe, self.requirements)) < needed:
             if time.monotonic() > deadline:
+                eligible = len(self.registry.online(self.config.recipe, self.requirements))
                 raise RoundFailed(
-                    f"only {len(self.registry.online(self.config.recipe))} of {needed} required clients came online "
+                    f"only {eligible} of {needed} required eligible clients came online "
                     f"within {self.config.wait_for_clients_s:.0f}s; start more clients or lower min_available_clients"
                 )
             message = self._pump(0.2)
@@ -271,7 +283,8 @@ class Coordinator:
             body=body,
             body_meta=meta,
         )
-        payload = envelope_to_bytes(env)
+        self.auth.instruction_published(round_, env.msg_id)
+        payload = self.auth.seal(env)
         self._instruction = Message(self.topics.instruction, payload, qos=1, retain=True)
         self.transport.publish(self._instruction)
         return len(payload) * len(selected)  # what the selected clients download
@@ -288,6 +301,7 @@ class Coordinator:
                 continue
             try:
                 env = envelope_from_bytes(message.payload)
+                verified = self.auth.check_update(message.payload, env, Topics.node_of(message.topic))
                 update = validate_update(
                     env,
                     topic_node=Topics.node_of(message.topic),
@@ -298,14 +312,18 @@ class Coordinator:
                     global_tensors=self.strategy.expected_update(self.global_tensors),
                     max_update_norm=self.config.max_update_norm,
                     payload_bytes=len(message.payload),
+                    allow_lower_rank=self.strategy.accepts_lower_rank,
                 )
+                self.auth.check_binding(env, verified)
             except ProtocolError as exc:
                 self._count_rejection(exc, message.topic, rejected)
+                self.view.progress(len(accepted), sum(rejected.values()))
                 continue
             self.strategy.accumulate(update)
             self.error_meter.add(update.tensors, update.num_examples)
             accepted[update.node] = update
             bytes_up += len(message.payload)
+            self.view.progress(len(accepted), sum(rejected.values()))
         return list(accepted.values()), rejected, bytes_up
 
     def _hold_or_reject(self, message: Message) -> None:
@@ -345,7 +363,7 @@ class Coordinator:
         env = Envelope(
             kind="round_result", run=self.config.run_id, sender=self.config.node_id, round=round_, data=record
         )
-        self.transport.publish(Message(self.topics.metrics, envelope_to_bytes(env), retain=True))
+        self.transport.publish(Message(self.topics.metrics, self.auth.seal(env), retain=True))
 
     def _publish_finished(self) -> None:
         env = Envelope(
@@ -355,7 +373,7 @@ class Coordinator:
             round=self.config.rounds,
             data={"rounds": self.config.rounds},
         )
-        payload = envelope_to_bytes(env)
+        payload = self.auth.seal(env)
         # Replace the retained instruction so late joiners learn the run is over, not a stale round.
         self.transport.publish(Message(self.topics.instruction, payload, retain=True))
         self.transport.publish(self._coordinator_status("finished"))

@@ -8,7 +8,8 @@ import numpy as np
 
 from coordinator.strategies import ClientUpdate, Tensors
 from flora.errors import ProtocolError, RejectReason
-from flora.modeling.adapter import check_adapter_tensors
+from flora.modeling.adapter import check_adapter_tensors, lower_rank_of
+from flora.modeling.lora_factors import fit_to_rank
 from flora.protocol import Envelope, adapter_from_body
 
 MAX_NUM_EXAMPLES = 10**9
@@ -25,6 +26,7 @@ def validate_update(
     global_tensors: Tensors,
     max_update_norm: float | None = None,
     payload_bytes: int = 0,
+    allow_lower_rank: bool = False,
 ) -> ClientUpdate:
     if env.kind != "update":
         raise ProtocolError(RejectReason.MALFORMED, f"expected an update, got {env.kind!r}")
@@ -45,7 +47,10 @@ def validate_update(
     if not isinstance(metrics, dict):
         raise ProtocolError(RejectReason.BAD_METRICS, "metrics must be a JSON object")
     tensors = adapter_from_body(env.body, env.body_meta)  # format, dtype, finiteness
-    check_adapter_tensors(global_tensors, tensors)  # names and shapes
+    check_adapter_tensors(global_tensors, tensors, allow_lower_rank=allow_lower_rank)  # names and shapes
+    rank = lower_rank_of(global_tensors, tensors) if allow_lower_rank else None
+    if rank is not None and any(tensors[k].shape != v.shape for k, v in global_tensors.items()):
+        global_tensors = fit_to_rank(global_tensors, rank)  # a lower-rank client's change is measured from its start
     if max_update_norm is not None:
         norm = math.sqrt(sum(float(np.sum((tensors[k] - global_tensors[k]) ** 2)) for k in global_tensors))
         if norm > max_update_norm:

@@ -20,14 +20,15 @@ from edge_client.config import ClientConfig
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.errors import ProtocolError, RejectReason
+from flora.modeling.lora_factors import fit_to_rank
 from flora.protocol import (
     Envelope,
     Topics,
     adapter_from_body,
     adapter_to_body,
     envelope_from_bytes,
-    envelope_to_bytes,
 )
+from flora.protocol.signing import Signer, load_public_key, seal, verify
 from flora.transport import Message, Transport
 from flora.transport.base import RECONNECTED
 
@@ -44,17 +45,23 @@ class EdgeAgent:
         self.state = self.store.load(config.run_id)
         self.finished = False
         self.rounds_trained = 0
+        # End-to-end integrity (optional): sign what we send; act only on what the coordinator signed.
+        self.signer = Signer.from_file(config.signing_key) if config.signing_key else None
+        self.coordinator_key = load_public_key(config.coordinator_public_key) if config.coordinator_public_key else None
 
     # -- messages we send ---------------------------------------------------------------
     def _status(self, state: str) -> Message:
         data: dict[str, Any] = {"state": state, "last_round_trained": self.state.last_round_trained}
         if state != "offline":
             data["capabilities"] = detect_capabilities(
-                self.trainer.clip.device, self.trainer.num_examples, self.config.quantization
+                self.trainer.clip.device,
+                self.trainer.num_examples,
+                self.trainer.clip.quantization,  # in effect, after any fallback
+                configured_quantization=self.config.quantization,
             )
             data["recipe"] = self.config.recipe
         env = Envelope(kind="status", run=self.config.run_id, sender=self.config.node_id, data=data)
-        return Message(self.topics.status(self.config.node_id), envelope_to_bytes(env), qos=1, retain=True)
+        return Message(self.topics.status(self.config.node_id), seal(env, self.signer), qos=1, retain=True)
 
     def start(self) -> None:
         self.transport.connect(will=self._status("offline"))
@@ -109,6 +116,12 @@ class EdgeAgent:
         if env.kind in ("train", "finished") and message.topic != self.topics.instruction:
             log.warning("dropped %s published on %s, not the instruction topic", env.kind, message.topic)
             return
+        if self.coordinator_key is not None and env.kind in ("train", "finished", "round_result"):
+            try:
+                verify(message.payload, self.coordinator_key, signer="the coordinator")
+            except ProtocolError as exc:
+                log.error("refused %s for round %s on %s: %s", env.kind, env.round, message.topic, exc)
+                return
         if env.kind == "train":
             self._on_train(env)
         elif env.kind == "round_result":
@@ -142,6 +155,9 @@ class EdgeAgent:
         try:
             settings = TrainSettings.from_instruction(env.data.get("train", {}))
             global_adapter = adapter_from_body(env.body, env.body_meta)
+            if self.config.lora_rank is not None:
+                # A lower-rank device starts from the best rank-r approximation of the global adapter.
+                global_adapter = fit_to_rank(global_adapter, self.config.lora_rank)
         except (ProtocolError, ValueError, TypeError) as exc:
             log.warning("dropped instruction for round %d: %s", round_, exc)
             return
@@ -161,7 +177,7 @@ class EdgeAgent:
             body=body,
             body_meta=meta,
         )
-        payload = envelope_to_bytes(update)
+        payload = seal(update, self.signer)
         self.store.save_pending(self.state, round_, payload)  # before sending: a reboot re-sends it
         self._publish_update(payload)
         self.rounds_trained += 1

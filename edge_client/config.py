@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from edge_client.memory_budget import CHECKPOINTING_MODES
+from edge_client.privacy import LocalDP
+from edge_client.trainer import AUTOCAST_MODES
 from flora.config import field, load_config
+from flora.data.formats import DATA_FORMAT_HELP, DATA_FORMATS
 from flora.errors import ConfigError, ProtocolError
 from flora.modeling.loading import COMPUTE_DTYPES, QUANTIZATIONS
 from flora.modeling.recipes import get_recipe
@@ -14,7 +18,6 @@ from flora.protocol.envelope import check_id
 from flora.protocol.wire_settings import wire_settings_problem
 
 ENV_PREFIX = "FLORA_CLIENT_"
-DATA_FORMATS = ("image-folder",)
 
 
 @dataclasses.dataclass
@@ -29,12 +32,42 @@ class ClientConfig:
     ca_file: str | None = field(None, help="CA certificate for mqtts://")
     cert_file: str | None = field(None, help="client certificate for mqtts:// (optional)")
     key_file: str | None = field(None, help="client private key for mqtts:// (optional)")
-    data_format: str = field("image-folder", help="image-folder: one subfolder per class")
+    signing_key: Path | None = field(
+        None, help="this device's Ed25519 private key (PEM, `flora provision`): signs every message it sends"
+    )
+    coordinator_public_key: Path | None = field(
+        None, help="coordinator's Ed25519 public key (PEM): instructions and results not signed by it are refused"
+    )
+    data_format: str = field("image-folder", help=DATA_FORMAT_HELP)
     recipe: str = field("paper", help="LoRA recipe; must match the coordinator's")
+    lora_rank: int | None = field(
+        None, help="train at this lower LoRA rank than the recipe's (needs the coordinator's svd_lora strategy)"
+    )
     quantization: str = field("none", help="base model quantization: none, 8bit, 4bit (NF4)")
+    quantization_fallback: bool = field(
+        True, help="if bitsandbytes cannot run here, warn and train an unquantized base (false: refuse to start)"
+    )
     compute_dtype: str = field("float32", help="compute dtype: float32, float16, bfloat16")
     device: str = field("auto", help="auto, cuda or cpu")
-    batch_size: int = field(32, help="largest local batch size")
+    batch_size: int = field(
+        32, help="largest micro-batch; the coordinator's batch size is reached by accumulating gradients"
+    )
+    memory_budget_mb: float | None = field(
+        None,
+        help="most memory a training step may use (peak CUDA allocation on a GPU, process peak RSS on CPU); "
+        "the micro-batch and gradient checkpointing are chosen by measuring steps. None: no limit",
+    )
+    gradient_checkpointing: str = field("auto", help="auto (only when the memory budget needs it), on or off")
+    autocast: str = field(
+        "auto", help="mixed precision: auto (bfloat16/float16 on CUDA, off on CPU), off, float16, bfloat16"
+    )
+    cache_image_embeddings: bool = field(
+        True, help="compute a frozen vision tower's image embeddings once and keep them in state_dir"
+    )
+    dp_clip_norm: float | None = field(None, help="local DP: clip the update's change to this L2 norm (None: off)")
+    dp_noise_multiplier: float | None = field(
+        None, help="local DP: Gaussian noise std = dp_noise_multiplier x dp_clip_norm (needs dp_clip_norm)"
+    )
     state_dir: Path = field(Path("flora-client-state"), help="where progress survives a reboot")
     max_message_bytes: int | None = field(
         DEFAULT_MAX_MESSAGE_BYTES, help="largest MQTT packet the broker takes; bigger messages go as chunks"
@@ -61,11 +94,24 @@ class ClientConfig:
             raise ConfigError(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:
+            raise ConfigError(f"memory_budget_mb must be > 0 (or unset for no limit), got {self.memory_budget_mb}")
+        if self.gradient_checkpointing not in CHECKPOINTING_MODES:
+            raise ConfigError(
+                f"gradient_checkpointing must be one of {', '.join(CHECKPOINTING_MODES)}, "
+                f"got {self.gradient_checkpointing!r}"
+            )
+        if self.autocast not in AUTOCAST_MODES:
+            raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
+        LocalDP.from_settings(self.dp_clip_norm, self.dp_noise_multiplier)
         problem = wire_settings_problem(
             max_message_bytes=self.max_message_bytes, encoding=self.wire_encoding, compression=self.wire_compression
         )
         if problem:
             raise ConfigError(problem)
+        if self.lora_rank is not None and not 1 <= self.lora_rank <= get_recipe(self.recipe).rank:
+            top = get_recipe(self.recipe).rank
+            raise ConfigError(f"lora_rank must be between 1 and the recipe's rank {top}, got {self.lora_rank}")
         get_recipe(self.recipe)
 
 

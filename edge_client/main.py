@@ -2,28 +2,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from edge_client.agent import EdgeAgent
 from edge_client.config import ClientConfig
+from edge_client.quantization import load_for_training
 from edge_client.trainer import LocalTrainer
-from flora.data.datasets import load_image_folder
-from flora.modeling.loading import load_clip
+from flora.data.formats import load_local_data
 from flora.modeling.recipes import get_recipe
 from flora.transport import transport_for
 
 log = logging.getLogger(__name__)
 
 
+def recipe_for(config: ClientConfig):
+    """The recipe, at the device's own lower rank when `lora_rank` asks for one."""
+    recipe = get_recipe(config.recipe)
+    return recipe if config.lora_rank is None else dataclasses.replace(recipe, rank=config.lora_rank)
+
+
 def build_agent(config: ClientConfig, *, progress: bool = True) -> EdgeAgent:
-    data = load_image_folder(config.data_dir)
+    data = load_local_data(config.data_dir, config.data_format)
     if data.skipped:
         log.warning("%d unreadable images skipped in %s", data.skipped, config.data_dir)
-    clip = load_clip(
-        config.model, quantization=config.quantization, compute_dtype=config.compute_dtype, device=config.device
-    )
+    clip = load_for_training(config)  # the configured quantization, or a logged fallback without it
     trainer = LocalTrainer(
-        clip, get_recipe(config.recipe), data, seed=config.seed, max_batch_size=config.batch_size, progress=progress
+        clip,
+        recipe_for(config),
+        data,
+        seed=config.seed,
+        max_batch_size=config.batch_size,
+        progress=progress,
+        cache_dir=config.state_dir / "cache",
+        cache_image_embeddings=config.cache_image_embeddings,
+        memory_budget_mb=config.memory_budget_mb,
+        gradient_checkpointing=config.gradient_checkpointing,
+        autocast=config.autocast,
+        dp_clip_norm=config.dp_clip_norm,
+        dp_noise_multiplier=config.dp_noise_multiplier,
     )
     transport = transport_for(config)
     return EdgeAgent(config, transport, trainer)

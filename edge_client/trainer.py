@@ -1,30 +1,52 @@
 """The local training loop: one round of LoRA training on this device's data.
 
 Read it top to bottom: load the global adapter, run `local_epochs` of CLIP's contrastive loss
-between each image and its class prompt, return the new adapter tensors and scalar metrics.
-The optimizer is rebuilt every round (FedAvg's convention: client state does not leak across
-rounds). Data is preprocessed once, when the trainer is built, and reused every round.
+between each image and its text (its class prompt, or its caption), return the new adapter tensors
+and scalar metrics. The optimizer is rebuilt every round (FedAvg's convention: client state does not
+leak across rounds).
+
+What makes it fit a small device, all decided once, when the trainer is built:
+- a quantized base (4-bit/8-bit) is prepared with peft's `prepare_model_for_kbit_training`;
+- when the recipe leaves the vision tower frozen (the paper's), each image's embedding is computed
+  once and cached (`edge_client.cache`), on disk across reboots; otherwise images are preprocessed
+  once and go through the vision tower every step;
+- with a memory budget, the micro-batch and activation checkpointing are chosen by measuring real
+  steps (`edge_client.memory_budget`); the coordinator's batch size is then reached by accumulating
+  gradients. The contrastive loss couples every image of a batch with every text, so accumulation
+  uses the gradient-cache method (Gao et al., 2021): embed the whole batch without a graph, take the
+  loss's gradient with respect to the embeddings, then re-embed micro-batch by micro-batch with a
+  graph and back-propagate those gradients. Same gradient as one big batch, a micro-batch's memory.
+Each distinct text (class prompt or caption) of a batch is encoded once per step, not once per image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edge_client.capabilities import peak_rss_mb
+from edge_client.cache import EmbeddingStore, images_fingerprint, model_fingerprint
+from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches
+from edge_client.privacy import LocalDP
 from flora.data.datasets import LabeledImages, pixel_values
+from flora.errors import ConfigError
 from flora.modeling import scoring
 from flora.modeling.adapter import attach_lora, get_adapter_state, set_adapter_state
+from flora.modeling.kbit import prepare_quantized_for_training, set_activation_checkpointing
 from flora.modeling.loading import LoadedClip
 from flora.modeling.recipes import LoraRecipe
 
 log = logging.getLogger(__name__)
+
+AUTOCAST_MODES = ("auto", "off", "float16", "bfloat16")
+IMAGE_PATH_MODULES = ("vision_model", "visual_projection")
 
 
 @dataclass(frozen=True)
@@ -57,6 +79,19 @@ class TrainSettings:
         return settings
 
 
+def resolve_autocast(mode: str, device: str):
+    """The autocast dtype: 'auto' is bfloat16 (float16 where bf16 is missing) on CUDA and off on CPU."""
+    import torch
+
+    if mode not in AUTOCAST_MODES:
+        raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {mode!r}")
+    if mode == "off" or (mode == "auto" and not device.startswith("cuda")):
+        return None
+    if mode == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, mode)
+
+
 class LocalTrainer:
     def __init__(
         self,
@@ -67,18 +102,44 @@ class LocalTrainer:
         seed: int = 0,
         max_batch_size: int = 128,
         progress: bool = True,
+        cache_dir: str | Path | None = None,
+        cache_image_embeddings: bool = True,
+        memory_budget_mb: float | None = None,
+        gradient_checkpointing: str = "auto",
+        autocast: str = "auto",
+        dp_clip_norm: float | None = None,
+        dp_noise_multiplier: float | None = None,
     ):
         import torch
 
+        if len(data) == 0:
+            raise ConfigError("no local training examples")
         self.clip = clip
         self.recipe = recipe
         self.data = data
         self.seed = seed
         self.max_batch_size = max_batch_size
         self.progress = progress
+        self.device = clip.device
+        self.dp = LocalDP.from_settings(dp_clip_norm, dp_noise_multiplier)
+        self.autocast_dtype = resolve_autocast(autocast, self.device)
+        self.meter = PeakMemoryMeter(self.device)
+        prepare_quantized_for_training(clip.model)
         self.model = attach_lora(clip.model, recipe, seed=seed)
-        self.pixels = pixel_values(clip.image_processor, data.images).to(clip.device)
-        self.labels = torch.as_tensor(data.labels, device=clip.device)
+        # Authoritative, whatever the recipe's regex says: does anything on the image path train?
+        self.trains_images = any(
+            p.requires_grad and any(m in name for m in IMAGE_PATH_MODULES) for name, p in self.model.named_parameters()
+        )
+        self.text_index = torch.as_tensor(data.labels, device=self.device)
+        self.image_embeds = None  # [N, D] fp32, when the vision tower is frozen and caching is on
+        self.pixels = None  # [N, 3, H, W], otherwise
+        self.cache_status = "off"
+        self.cache_seconds = 0.0
+        if cache_image_embeddings and not self.trains_images:
+            self._load_or_build_image_cache(cache_dir)
+        else:
+            self.pixels = pixel_values(clip.image_processor, data.images).to(self.device)
+        self.plan: BatchPlan = self.fit_memory_budget(memory_budget_mb, gradient_checkpointing)
         self._rounds_trained = 0
 
     @property
@@ -88,19 +149,195 @@ class LocalTrainer:
     def adapter_state(self):
         return get_adapter_state(self.model)
 
+    # -- image side -------------------------------------------------------------------------
+    def _autocast(self):
+        import torch
+
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast_dtype)
+
+    def _load_or_build_image_cache(self, cache_dir: str | Path | None) -> None:
+        import torch
+
+        started = time.perf_counter()
+        store = EmbeddingStore(cache_dir)
+        model_key = model_fingerprint(self.clip, precision=f"{self.clip.compute_dtype}/autocast={self.autocast_dtype}")
+        data_key = images_fingerprint(self.data.images)
+        embeds, why = store.load(model_key, data_key)
+        if embeds is not None and embeds.shape[0] == len(self.data):
+            self.image_embeds = embeds.to(self.device)
+            self.cache_status = "hit"
+            log.info("image embeddings: reusing the cache in %s (%d images)", store.path, len(self.data))
+        else:
+            chunk = max(1, min(self.max_batch_size, 256))
+            was_training = self.model.training
+            self.model.eval()
+            parts = []
+            with torch.no_grad():
+                for start in range(0, len(self.data), chunk):
+                    pixels = pixel_values(self.clip.image_processor, self.data.images[start : start + chunk])
+                    with self._autocast():
+                        parts.append(scoring.image_embeddings(self.model, pixels.to(self.device)).float())
+            self.model.train(was_training)
+            self.image_embeds = torch.cat(parts)
+            store.save(self.image_embeds, model_key, data_key)
+            self.cache_status = "built"
+            log.info("image embeddings: computed for %d images (%s)", len(self.data), why)
+        self.cache_seconds = time.perf_counter() - started
+
+    def _image_embeddings(self, idx, *, grad: bool):
+        import torch
+
+        if self.image_embeds is not None:
+            return self.image_embeds[idx]
+        with torch.set_grad_enabled(grad), self._autocast():
+            return scoring.image_embeddings(self.model, self.pixels[idx]).float()
+
+    def _text_embeddings(self, text_inputs: dict[str, Any], ids, *, grad: bool):
+        import torch
+
+        rows = {k: v[ids] for k, v in text_inputs.items()}
+        length = int(rows["attention_mask"].sum(dim=1).max())  # drop padding columns no row of this batch uses
+        rows = {k: v[:, :length] for k, v in rows.items()}
+        with torch.set_grad_enabled(grad), self._autocast():
+            return scoring.text_embeddings(self.model, rows).float()
+
+    # -- one batch ----------------------------------------------------------------------------
+    def _rng_state(self):
+        import torch
+
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.startswith("cuda") else None
+        return torch.get_rng_state(), cuda
+
+    def _set_rng_state(self, state) -> None:
+        import torch
+
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def _accumulate_gradients(self, idx, text_inputs: dict[str, Any], micro: int, scaler=None):
+        """Add d(loss)/d(params) of the contrastive loss over examples `idx` to `.grad`; return the loss.
+
+        One pass when the batch fits in `micro`, else the gradient-cache method (see the module docstring).
+        """
+        import torch
+
+        def backward(tensor, grad=None):
+            if scaler is not None and grad is None:
+                tensor = scaler.scale(tensor)  # grads handed back below come from the scaled loss already
+            tensor.backward(grad)
+
+        text_ids, targets = torch.unique(self.text_index[idx], return_inverse=True)
+        scale = scoring.logit_scale(self.model)
+        if len(idx) <= micro and len(text_ids) <= micro:
+            images = self._image_embeddings(idx, grad=self.trains_images)
+            texts = self._text_embeddings(text_inputs, text_ids, grad=True)
+            loss = scoring.contrastive_loss(images, texts, targets, scale)
+            backward(loss)
+            return loss.detach()
+        text_chunks = text_ids.split(micro)
+        image_chunks = idx.split(micro) if self.trains_images else []
+        text_states, image_states = [], []
+        with torch.no_grad():
+            parts = []
+            for chunk in text_chunks:
+                text_states.append(self._rng_state())
+                parts.append(self._text_embeddings(text_inputs, chunk, grad=False))
+            texts = torch.cat(parts)
+            if self.trains_images:
+                parts = []
+                for chunk in image_chunks:
+                    image_states.append(self._rng_state())
+                    parts.append(self._image_embeddings(chunk, grad=False))
+                images = torch.cat(parts)
+            else:
+                images = self._image_embeddings(idx, grad=False)
+        texts.requires_grad_(True)
+        images = images.detach().requires_grad_(self.trains_images)
+        loss = scoring.contrastive_loss(images, texts, targets, scale)
+        backward(loss)
+        for chunk, state, grad in zip(text_chunks, text_states, texts.grad.split(micro)):
+            self._set_rng_state(state)  # same dropout masks as in the pass without a graph
+            backward(self._text_embeddings(text_inputs, chunk, grad=True), grad)
+        for chunk, state, grad in zip(image_chunks, image_states, images.grad.split(micro) if image_chunks else []):
+            self._set_rng_state(state)
+            backward(self._image_embeddings(chunk, grad=True), grad)
+        return loss.detach()
+
+    def _trainable(self) -> list[Any]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def batch_gradients(self, indices, template: str = scoring.DEFAULT_TEMPLATE, *, micro: int | None = None):
+        """(loss, {parameter name: gradient}) of one batch, without changing the adapter (tests, diagnostics)."""
+        import torch
+
+        text_inputs = scoring.tokenize(self.clip.tokenizer, self.data.texts(template), self.device)
+        idx = torch.as_tensor(np.asarray(indices), device=self.device)
+        self.model.zero_grad(set_to_none=True)
+        self.model.train()
+        loss = self._accumulate_gradients(idx, text_inputs, micro or len(idx))
+        grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        self.model.zero_grad(set_to_none=True)
+        return float(loss), grads
+
+    def fit_memory_budget(self, budget_mb: float | None, gradient_checkpointing: str = "auto") -> BatchPlan:
+        """Choose (by measuring) the micro-batch and checkpointing for every later round; see memory_budget."""
+        baseline = None
+        if budget_mb is not None:
+            self.meter.reset()
+            baseline = self.meter.current_mb()
+        self.plan = plan_batches(
+            self.measure_step_mb,
+            largest=min(self.max_batch_size, self.num_examples),
+            budget_mb=budget_mb,
+            checkpointing=gradient_checkpointing,
+            baseline_mb=baseline,
+        )
+        set_activation_checkpointing(self.clip.model, self.plan.activation_checkpointing)
+        if budget_mb is not None:
+            log.info(
+                "memory budget %.0f MB: micro-batch %d%s (measured %.0f MB)",
+                budget_mb,
+                self.plan.micro_batch_size,
+                ", gradient checkpointing" if self.plan.activation_checkpointing else "",
+                self.plan.peak_mb,
+            )
+        return self.plan
+
+    def measure_step_mb(self, micro: int, checkpointing: bool) -> float:
+        """Peak memory (MB) of one forward+backward at micro-batch `micro`, plus the optimizer's state."""
+        import torch
+
+        set_activation_checkpointing(self.clip.model, checkpointing)
+        text_inputs = scoring.tokenize(self.clip.tokenizer, self.data.texts(scoring.DEFAULT_TEMPLATE), self.device)
+        # A random sample, not the first rows: a sorted image folder would give one class, and one text.
+        order = np.random.default_rng(self.seed).permutation(self.num_examples)[:micro]
+        idx = torch.as_tensor(order, device=self.device)
+        self.model.train()
+        self.model.zero_grad(set_to_none=True)
+        self.meter.reset()
+        self._accumulate_gradients(idx, text_inputs, micro)
+        peak = self.meter.peak_mb()
+        self.model.zero_grad(set_to_none=True)
+        adam_state_mb = 2 * sum(p.numel() * 4 for p in self._trainable()) / 2**20  # exp_avg + exp_avg_sq, fp32
+        return peak + adam_state_mb
+
+    # -- one round ---------------------------------------------------------------------------
     def train_round(self, global_adapter: dict[str, Any], settings: TrainSettings, round_: int):
         """Train from `global_adapter`; returns (new adapter tensors, metrics)."""
         import torch
         from tqdm import tqdm
 
-        set_adapter_state(self.model, {k: torch.as_tensor(v) for k, v in global_adapter.items()})
-        device = self.clip.device
-        prompts = scoring.class_prompts(self.data.class_names, settings.prompt_template)
-        prompt_inputs = scoring.tokenize(self.clip.tokenizer, prompts, device)
+        received = {k: torch.as_tensor(v) for k, v in global_adapter.items()}
+        set_adapter_state(self.model, received)
+        device = self.device
+        text_inputs = scoring.tokenize(self.clip.tokenizer, self.data.texts(settings.prompt_template), device)
         for name, param in self.model.named_parameters():
             if "lora_" in name:
                 param.requires_grad = not (settings.freeze_lora_a and "lora_A" in name)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = self._trainable()
         anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
         optimizer = torch.optim.AdamW(
             params,
@@ -109,14 +346,18 @@ class LocalTrainer:
             eps=settings.eps,
             weight_decay=settings.weight_decay,
         )
-        batch_size = min(settings.batch_size, self.max_batch_size, self.num_examples)
+        scaler = None
+        if self.autocast_dtype == torch.float16 and device.startswith("cuda"):
+            scaler = torch.amp.GradScaler("cuda")  # fp16 gradients underflow without loss scaling
+        batch_size = min(settings.batch_size, self.num_examples)  # the coordinator's, always
+        micro, accumulation = self.plan.for_batch(batch_size)
         steps_per_epoch = math.ceil(self.num_examples / batch_size)
         rng = np.random.default_rng([self.seed, round_])
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
         self.model.train()
+        self.meter.reset(collect=False)  # no gc.collect: it would cost more than a step here
         started = time.perf_counter()
         losses: list[float] = []
+        step_seconds: list[float] = []
         bar = tqdm(
             total=settings.local_epochs * steps_per_epoch,
             desc=f"round {round_}",
@@ -129,38 +370,53 @@ class LocalTrainer:
             order = torch.as_tensor(rng.permutation(self.num_examples), device=device)
             for start in range(0, self.num_examples, batch_size):
                 idx = order[start : start + batch_size]
-                # Encode each distinct class prompt once per step, not once per image.
-                classes, targets = torch.unique(self.labels[idx], return_inverse=True)
-                text = scoring.text_embeddings(self.model, {k: v[classes] for k, v in prompt_inputs.items()})
-                images = scoring.image_embeddings(self.model, self.pixels[idx])
-                loss = scoring.contrastive_loss(images, text, targets, scoring.logit_scale(self.model))
+                step_started = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = self._accumulate_gradients(idx, text_inputs, micro, scaler)
                 if anchors:
-                    loss = loss + settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                    proximal = settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+                    (scaler.scale(proximal) if scaler is not None else proximal).backward()
+                    loss = loss + proximal.detach()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"local loss became {loss.item()} in round {round_}; lower the learning rate"
                     )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                losses.append(loss.item())  # .item() waits for the GPU, so the step time below is real
+                step_seconds.append(time.perf_counter() - step_started)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
         seconds = time.perf_counter() - started
+        peak = self.meter.peak_mb()
+        first_round = self._rounds_trained == 0
         self._rounds_trained += 1
-        peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else peak_rss_mb()
         metrics = {
             "num_examples": self.num_examples,
             "train_loss": float(np.mean(losses)),
             "train_loss_last": losses[-1],
             "steps": len(losses),
             "batch_size": batch_size,
+            "micro_batch_size": micro,
+            "accumulation_steps": accumulation,
+            "gradient_checkpointing": int(self.plan.activation_checkpointing),
             "seconds": seconds,
+            "step_seconds": float(np.median(step_seconds)),
             "peak_memory_mb": peak,
-            "peak_memory_kind": "cuda_max_allocated" if device.startswith("cuda") else "process_peak_rss",
+            "peak_memory_kind": self.meter.kind,
+            "image_embeddings_cached": int(self.image_embeds is not None),
+            "skipped_images": self.data.skipped,
         }
+        if first_round and self.image_embeds is not None:
+            metrics["cache_seconds"] = self.cache_seconds  # one-off: building (or loading) the image embeddings
         tensors = self.adapter_state()
         if settings.freeze_lora_a:  # A is unchanged: send only B (half the bytes)
             tensors = {k: v for k, v in tensors.items() if "lora_A" not in k}
+        if self.dp is not None:
+            tensors = self.dp.apply(tensors, received)
+            metrics.update(self.dp.metrics())
         return tensors, metrics

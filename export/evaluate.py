@@ -1,41 +1,127 @@
-"""Zero-shot evaluation of an exported model with ONNX Runtime alone (no PyTorch on this path)."""
+"""Zero-shot evaluation of exported files with ONNX Runtime, run the way a device runs them.
+
+ONNX Runtime inputs go through the torch-free path (export/preprocess.py, export/tokenizer.py),
+so these figures also check that path against PyTorch fed by transformers' own processor.
+A tower is scored with the other side taken from PyTorch fp32: the vision tower against the
+zero-shot head, the text tower against PyTorch's image embeddings.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.preprocess import ImagePreprocessor
+from export.quality import accuracy, top1_agreement
+from export.runtime import OnnxClip
+from export.zero_shot import ZeroShotHead, class_prompts
+from flora.data.datasets import pixel_values
+from flora.modeling import scoring
+from flora.modeling.loading import LoadedClip
 
-def onnx_zero_shot_logits(
-    onnx_path: str | Path,
-    tokenizer: Any,
-    image_processor: Any,
-    images: Sequence[Any],
-    prompts: Sequence[str],
-    *,
-    batch_size: int = 256,
-) -> np.ndarray:
-    import onnxruntime as ort
 
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    text = tokenizer(list(prompts), padding=True, return_tensors="np")
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        pixels = image_processor(images=list(images[start : start + batch_size]), return_tensors="np")["pixel_values"]
-        (logits,) = session.run(
-            ["logits_per_image"],
-            {
-                "input_ids": text["input_ids"].astype(np.int64),
-                "attention_mask": text["attention_mask"].astype(np.int64),
-                "pixel_values": np.asarray(pixels, dtype=np.float32),
-            },
+@dataclass
+class ScoringSet:
+    images: list[Any]
+    labels: np.ndarray | None  # None: unlabelled (synthetic images); agreement only, no accuracy
+    class_names: list[str]
+    prompt_template: str
+    description: str
+
+    @property
+    def prompts(self) -> list[str]:
+        return class_prompts(self.class_names, self.prompt_template)
+
+
+@dataclass
+class TorchReference:
+    """PyTorch fp32 embeddings of the scoring set: the yardstick for every file."""
+
+    image_embeds: np.ndarray
+    text_embeds: np.ndarray
+    logit_scale: float
+
+    @property
+    def logits(self) -> np.ndarray:
+        return self.logit_scale * self.image_embeds @ self.text_embeds.T
+
+    @classmethod
+    def compute(cls, clip: LoadedClip, data: ScoringSet, *, batch_size: int = 256) -> TorchReference:
+        import torch
+
+        with torch.no_grad():
+            # Preprocess a batch at a time: a large eval set as one pixel tensor would not fit in memory.
+            images = [
+                scoring.image_embeddings(
+                    clip.model, pixel_values(clip.image_processor, data.images[i : i + batch_size])
+                )
+                for i in range(0, len(data.images), batch_size)
+            ]
+            scale = float(scoring.logit_scale(clip.model))
+        return cls(torch.cat(images).numpy(), torch_text_embeddings(clip, data.prompts), scale)
+
+    def head(self, data: ScoringSet, info: dict[str, Any] | None = None) -> ZeroShotHead:
+        return ZeroShotHead(
+            list(data.class_names), self.text_embeds, self.logit_scale, data.prompt_template, info or {}
         )
-        chunks.append(logits)
-    return np.concatenate(chunks)
 
 
-def accuracy(logits: np.ndarray, labels: Sequence[int]) -> float:
-    return float((logits.argmax(axis=1) == np.asarray(labels)).mean())
+def torch_text_embeddings(clip: LoadedClip, prompts: Sequence[str]) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return scoring.text_embeddings(clip.model, scoring.tokenize(clip.tokenizer, prompts)).numpy()
+
+
+def build_head(clip: LoadedClip, labels: Sequence[str], template: str, info: dict[str, Any]) -> ZeroShotHead:
+    """The zero-shot head of `labels`, embedded by the merged PyTorch model (the fp32 reference)."""
+    import torch
+
+    with torch.no_grad():
+        scale = float(scoring.logit_scale(clip.model))
+    embeds = torch_text_embeddings(clip, class_prompts(labels, template))
+    return ZeroShotHead(list(labels), embeds, scale, template, info)
+
+
+def onnx_logits(
+    part: str, path: Path, staging: Path, data: ScoringSet, reference: TorchReference, max_text_length: int | None
+) -> np.ndarray:
+    """logits_per_image [images, classes] with `part` run by ONNX Runtime from `path`."""
+    runner = OnnxClip(
+        {part: path},
+        ImagePreprocessor.from_dir(staging),
+        logit_scale=reference.logit_scale,
+        tokenizer_dir=staging,
+        max_text_length=max_text_length,
+        head=reference.head(data) if part == "vision" else None,
+        announce=False,
+    )
+    if part == "text":
+        return reference.logit_scale * reference.image_embeds @ runner.text_embeddings(data.prompts).T
+    _, logits = runner.logits(data.images, data.class_names, data.prompt_template, batch_size=256)
+    return logits
+
+
+def score(
+    logits: np.ndarray, data: ScoringSet, *, fp32_logits: np.ndarray | None, torch_logits: np.ndarray
+) -> dict[str, Any]:
+    """Accuracy (if labelled), difference from PyTorch, and top-1 agreement with PyTorch and with fp32."""
+    result: dict[str, Any] = {"examples": len(data.images), "on": data.description}
+    if data.labels is not None:
+        result["accuracy"] = accuracy(logits, data.labels)
+    result["max_abs_diff_vs_pytorch"] = float(np.abs(logits - torch_logits).max())
+    result["agreement_with_pytorch"] = top1_agreement(logits, torch_logits)
+    if fp32_logits is not None:
+        result["agreement_with_fp32"] = top1_agreement(logits, fp32_logits)
+    return result
+
+
+def labels_for(names: Sequence[str] | None, eval_names: Sequence[str] | None) -> list[str] | None:
+    """The label set of the zero-shot head: given labels first, else the eval data's classes."""
+    if names:
+        return list(names)
+    return list(eval_names) if eval_names else None

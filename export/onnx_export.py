@@ -1,40 +1,51 @@
-"""Export a (merged) CLIPModel to ONNX with torch.onnx.export, then validate it against PyTorch.
+"""Export a (merged) CLIPModel, or one of its towers, to ONNX with torch.onnx.export; validate it.
 
-Names follow the Hugging Face / optimum conventions: inputs input_ids, attention_mask,
-pixel_values; outputs logits_per_image, logits_per_text, text_embeds, image_embeds. Batch and
-sequence axes are dynamic. We use the TorchScript exporter (dynamo=False): it traces CLIP
-without needing onnxscript and produces a graph ONNX Runtime runs on CPU, CUDA and TensorRT.
+Parts, names and dynamic axes come from export/parts.py. We use the TorchScript exporter
+(dynamo=False): it traces CLIP without needing onnxscript and produces a graph ONNX Runtime
+runs on CPU, CUDA and TensorRT. optimum's exporters are not used: optimum-onnx pins
+transformers < 4.58 and this project is on transformers 5.
+
+Validation runs the same inputs through PyTorch and ONNX Runtime and compares every output by
+max abs difference and cosine similarity; past tolerance it raises ExportValidationError.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from export.metadata import export_metadata, file_sha256, stamp
+from export.parts import WHOLE_MODEL, OnnxPart
+from export.providers import make_session
 from flora import __version__
 from flora.errors import FloraError
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-INPUT_NAMES = ["input_ids", "attention_mask", "pixel_values"]
-OUTPUT_NAMES = ["logits_per_image", "logits_per_text", "text_embeds", "image_embeds"]
-DYNAMIC_AXES = {
-    "input_ids": {0: "text_batch", 1: "sequence"},
-    "attention_mask": {0: "text_batch", 1: "sequence"},
-    "pixel_values": {0: "image_batch"},
-    "logits_per_image": {0: "image_batch", 1: "text_batch"},
-    "logits_per_text": {0: "text_batch", 1: "image_batch"},
-    "text_embeds": {0: "text_batch"},
-    "image_embeds": {0: "image_batch"},
-}
+# Kept for callers of the first version of this module (whole model only).
+INPUT_NAMES = list(WHOLE_MODEL.inputs)
+OUTPUT_NAMES = list(WHOLE_MODEL.outputs)
+DYNAMIC_AXES = WHOLE_MODEL.dynamic_axes
+
+__all__ = [
+    "ExportValidationError",
+    "ValidationResult",
+    "compare_outputs",
+    "export_clip",
+    "export_metadata",
+    "export_part",
+    "file_sha256",
+    "onnx_outputs",
+    "torch_outputs",
+    "validate_export",
+    "validate_part",
+]
 
 
 class ExportValidationError(FloraError):
@@ -46,103 +57,179 @@ class ValidationResult:
     max_abs_diff: float
     min_cosine: float
     tolerance: float
+    min_cosine_required: float = 0.0
+    logits_tolerance: float | None = None  # None: same as tolerance
+    per_output: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
+        return not self.problems()
+
+    def problems(self) -> list[str]:
+        found = []
+        for name, stats in self.per_output.items():
+            limit = self.logits_tolerance if name.startswith("logits") and self.logits_tolerance else self.tolerance
+            if not stats["max_abs_diff"] <= limit:  # `not <=` also catches NaN
+                found.append(f"{name}: max abs difference {stats['max_abs_diff']:.3g} > tolerance {limit:g}")
+            if not stats["min_cosine"] >= self.min_cosine_required:
+                found.append(f"{name}: cosine similarity {stats['min_cosine']:.6f} < {self.min_cosine_required:g}")
+        if not self.per_output and not self.max_abs_diff <= self.tolerance:
+            found.append(f"max abs difference {self.max_abs_diff:.3g} > tolerance {self.tolerance:g}")
+        return found
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_abs_diff": self.max_abs_diff, "min_cosine": self.min_cosine, "per_output": self.per_output}
 
 
-def _clip_wrapper(model: Any):
+# -- wrappers: ONNX wants a plain tuple of tensors, not transformers' output objects --------------
+
+
+def part_module(model: Any, part: OnnxPart):
     import torch
 
-    class ClipForOnnx(torch.nn.Module):
-        """Returns a plain tuple in OUTPUT_NAMES order (ONNX wants tensors, not output objects)."""
+    def normalize(x):
+        return x / x.norm(p=2, dim=-1, keepdim=True)  # exactly what CLIPModel does to its embeds
 
-        def __init__(self, clip_model):
+    class WholeClip(torch.nn.Module):
+        def __init__(self, clip):
             super().__init__()
-            self.clip = clip_model
+            self.clip = clip
 
         def forward(self, input_ids, attention_mask, pixel_values):
             out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
             return out.logits_per_image, out.logits_per_text, out.text_embeds, out.image_embeds
 
-    return ClipForOnnx(model).eval()
+    class VisionTower(WholeClip):
+        def forward(self, pixel_values):
+            return normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output)
+
+    class TextTower(WholeClip):
+        def forward(self, input_ids, attention_mask):
+            out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
+            return normalize(out.pooler_output)
+
+    wrapper = {"model": WholeClip, "vision": VisionTower, "text": TextTower}[part.name]
+    return wrapper(model).eval()
 
 
-def export_clip(
-    model: Any, sample: dict[str, Any], path: str | Path, *, metadata: dict[str, str] | None = None
+def export_part(
+    model: Any, part: OnnxPart, sample: dict[str, Any], path: str | Path, *, metadata: dict[str, str] | None = None
 ) -> Path:
-    """Write the whole CLIP model to `path` (a .onnx file), with metadata in the model's properties."""
+    """Trace `part` of `model` on `sample` and write it to `path` atomically, with metadata."""
     import onnx
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
-    # The tracer warns about Python-side shape checks in transformers' CLIP; the dynamic-axes
-    # validation below is what proves the graph generalises, so the warnings are noise here.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            _clip_wrapper(model),
-            tuple(sample[name] for name in INPUT_NAMES),
-            str(tmp),
-            dynamo=False,
-            input_names=INPUT_NAMES,
-            output_names=OUTPUT_NAMES,
-            dynamic_axes=DYNAMIC_AXES,
-            opset_version=OPSET,
-        )
-    proto = onnx.load(str(tmp))
-    for key, value in {"flora_version": __version__, **(metadata or {})}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, str(value)
-    onnx.checker.check_model(proto)
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
+    try:
+        # The tracer warns about Python-side shape checks in transformers' CLIP; validation on other
+        # batch sizes and sequence lengths is what proves the graph generalises, so they are noise.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                part_module(model, part),
+                tuple(sample[name] for name in part.inputs),
+                str(tmp),
+                dynamo=False,
+                input_names=list(part.inputs),
+                output_names=list(part.outputs),
+                dynamic_axes=part.dynamic_axes,
+                opset_version=OPSET,
+            )
+        proto = onnx.load(str(tmp))
+        stamp(proto, {"flora_version": __version__, **(metadata or {}), "part": part.name, "precision": "fp32"})
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def export_clip(
+    model: Any, sample: dict[str, Any], path: str | Path, *, metadata: dict[str, str] | None = None
+) -> Path:
+    """Write the whole CLIP model to `path` (a .onnx file), with metadata in the model's properties."""
+    return export_part(model, WHOLE_MODEL, sample, path, metadata=metadata)
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def torch_outputs(model: Any, part: OnnxPart, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = part_module(model, part)(*(inputs[name] for name in part.inputs))
+    out = out if isinstance(out, tuple) else (out,)
+    return {name: t.float().numpy() for name, t in zip(part.outputs, out)}
+
+
+def onnx_outputs(path: str | Path, part: OnnxPart, inputs: dict[str, Any]) -> dict[str, np.ndarray]:
+    session, _ = make_session(path, "cpu")
+    feeds = {name: np.asarray(inputs[name]) for name in part.inputs}
+    return dict(zip(part.outputs, session.run(list(part.outputs), feeds)))
+
+
+def compare_outputs(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """Per output: max abs difference, and the lowest cosine similarity between matching rows."""
+    stats = {}
+    for name, ref in reference.items():
+        out = np.asarray(got[name], dtype=np.float32)
+        if out.shape != ref.shape:
+            raise ExportValidationError(f"{name}: ONNX Runtime gave shape {out.shape}, PyTorch {ref.shape}")
+        a, b = ref.reshape(ref.shape[0], -1).astype(np.float64), out.reshape(out.shape[0], -1).astype(np.float64)
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+        stats[name] = {"max_abs_diff": float(np.abs(ref - out).max()), "min_cosine": float(cos.min())}
+    return stats
+
+
+def summarize(
+    stats: dict[str, dict[str, float]],
+    *,
+    tolerance: float,
+    min_cosine: float = 0.0,
+    logits_tolerance: float | None = None,
+) -> ValidationResult:
+    return ValidationResult(
+        max_abs_diff=max(s["max_abs_diff"] for s in stats.values()),
+        min_cosine=min(s["min_cosine"] for s in stats.values()),
+        tolerance=tolerance,
+        min_cosine_required=min_cosine,
+        logits_tolerance=logits_tolerance,
+        per_output=stats,
+    )
+
+
+def raise_unless_ok(result: ValidationResult, what: str) -> ValidationResult:
+    if not result.ok:
+        raise ExportValidationError(
+            f"{what}: ONNX Runtime differs from PyTorch beyond tolerance ({'; '.join(result.problems())}); "
+            "do not deploy this export. If the model is very large or its logit scale high, a looser "
+            "--tolerance may be justified; otherwise report it as a bug with this message."
+        )
+    return result
+
+
+def validate_part(
+    model: Any,
+    part: OnnxPart,
+    onnx_path: str | Path,
+    inputs: dict[str, Any],
+    *,
+    tolerance: float = 1e-4,
+    min_cosine: float = 0.9999,
+    logits_tolerance: float | None = None,
+) -> ValidationResult:
+    """Compare PyTorch and ONNX Runtime on `inputs`; raise ExportValidationError past tolerance."""
+    stats = compare_outputs(torch_outputs(model, part, inputs), onnx_outputs(onnx_path, part, inputs))
+    result = summarize(stats, tolerance=tolerance, min_cosine=min_cosine, logits_tolerance=logits_tolerance)
+    return raise_unless_ok(result, Path(onnx_path).name)
 
 
 def validate_export(
     model: Any, onnx_path: str | Path, inputs: dict[str, Any], *, tolerance: float = 1e-4
 ) -> ValidationResult:
-    """Run the same inputs through PyTorch and ONNX Runtime and compare every output."""
-    import onnxruntime as ort
-    import torch
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        reference = _clip_wrapper(model)(*(inputs[name] for name in INPUT_NAMES))
-    got = session.run(OUTPUT_NAMES, {name: inputs[name].numpy() for name in INPUT_NAMES})
-    max_diff, min_cos = 0.0, 1.0
-    for ref, out in zip(reference, got):
-        ref = ref.numpy()
-        max_diff = max(max_diff, float(np.abs(ref - out).max()))
-        a, b = ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1)
-        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-        min_cos = min(min_cos, float(cos.min()))
-    result = ValidationResult(max_diff, min_cos, tolerance)
-    if not result.ok:
-        raise ExportValidationError(
-            f"ONNX Runtime differs from PyTorch by {max_diff:.3g} (tolerance {tolerance:g}); do not deploy this export"
-        )
-    return result
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def export_metadata(base: str, adapter_dir: Path) -> dict[str, str]:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return {
-        "base_model": base,
-        "adapter_sha256": file_sha256(adapter_dir / "adapter_model.safetensors"),
-        "lora_rank": str(config.get("r")),
-        "lora_alpha": str(config.get("lora_alpha")),
-        "lora_target_modules": json.dumps(config.get("target_modules")),
-    }
+    """The whole model: run the same inputs through PyTorch and ONNX Runtime and compare every output."""
+    return validate_part(model, WHOLE_MODEL, onnx_path, inputs, tolerance=tolerance)

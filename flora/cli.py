@@ -1,4 +1,4 @@
-"""The `flora` command: demo, coordinator, client, export, broker, status. A composition root."""
+"""The `flora` command: demo, coordinator, client, export, infer, broker, status, provision. A composition root."""
 
 from __future__ import annotations
 
@@ -64,6 +64,19 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
 
     report = run_coordinator(config)
     logging.getLogger("flora").info("run %s finished: final accuracy %s", config.run_id, report.get("final_accuracy"))
+    if config.export_dir is not None:
+        # Here, not in the coordinator: roles never import each other; the CLI composes them.
+        from export.pipeline import export_and_validate
+        from flora.data.datasets import load_image_folder
+
+        result = export_and_validate(
+            config.model,
+            Path(config.output_dir) / "global_adapter",
+            config.export_dir,
+            eval_data=load_image_folder(config.eval_data_dir) if config.eval_data_dir else None,
+            prompt_template=config.prompt_template,
+        )
+        logging.getLogger("flora").info("exported %s (max abs diff %.2e)", result["path"], result["max_abs_diff"])
     return 0
 
 
@@ -86,6 +99,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     import json
 
     from export.pipeline import export_and_validate
+    from export.zero_shot import read_labels
     from flora.data.datasets import load_image_folder
 
     eval_data = load_image_folder(args.eval_data) if args.eval_data else None
@@ -96,9 +110,40 @@ def cmd_export(args: argparse.Namespace) -> int:
         eval_data=eval_data,
         prompt_template=args.prompt_template,
         tolerance=args.tolerance,
+        parts=args.parts,
+        precisions=args.precision,
+        merge_base=args.merge_base,
+        labels=read_labels(args.labels) if args.labels else None,
+        agreement_threshold=args.agreement_threshold,
     )
     print(json.dumps(result, indent=2))
+    if not result["ok"]:
+        # Files are written and marked in the manifest, but this is not a success to build on.
+        for problem in result["problems"]:
+            print(f"flora export: {problem}", file=sys.stderr)
+        return 1
     return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    # Torch-free path: export.infer imports only numpy, onnxruntime, Pillow and tokenizers.
+    import json
+
+    from export.infer import run_infer
+
+    result = run_infer(
+        args.model,
+        args.images,
+        labels_file=args.labels,
+        prompt_template=args.prompt_template,
+        top_k=args.top_k,
+        provider=args.provider,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        threads=args.threads,
+    )
+    print(json.dumps(result, indent=2))
+    return 0 if result["results"] else 1
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
@@ -117,6 +162,45 @@ def cmd_status(args: argparse.Namespace) -> int:
     from flora.status import print_status
 
     return print_status(args.broker, run_id=args.run_id, wait=args.wait)
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from coordinator.config import CoordinatorConfig
+    from edge_client.config import ClientConfig
+    from flora.config import from_mapping, to_toml
+    from flora.provision import ProvisionSettings, check_device_id, provision_coordinator, provision_device
+
+    settings = ProvisionSettings(
+        out=Path(args.out),
+        broker_url=args.broker_url,
+        run_id=args.run_id,
+        coordinator_id=args.coordinator_id,
+        install_dir=None if args.in_place else Path(args.install_dir),
+        certs_dir=Path(args.certs) if args.certs else None,
+        force=args.force,
+    )
+    for node in args.node_ids:  # all of them, before anything is written
+        check_device_id(settings, node)
+    where = "in place" if args.in_place else f"to {args.install_dir}/"
+    coordinator = provision_coordinator(
+        settings, lambda values: to_toml(from_mapping(CoordinatorConfig, {**values, "model": args.model}))
+    )
+    if coordinator.created:
+        print(f"coordinator {coordinator.node_id}: copy {coordinator.directory}/ {where} on the coordinator host")
+    for node in args.node_ids:
+        device = provision_device(
+            settings,
+            node,
+            lambda values: to_toml(
+                from_mapping(ClientConfig, {**values, "model": args.model, "data_dir": args.data_dir})
+            ),
+        )
+        print(f"device {device.node_id}: copy {device.directory}/ {where} on the device")
+    print(
+        f"broker: copy {settings.mosquitto_dir}/passwd and acl to /etc/mosquitto/flora/ (deploy/mosquitto/README.md), "
+        "then `sudo systemctl reload mosquitto`. Keep this directory private: it holds keys and passwords."
+    )
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,11 +235,59 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="merge an adapter into its base and export validated ONNX")
     p.add_argument("--base", required=True, help="base CLIP checkpoint: hub id or directory")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. runs/demo/global_adapter)")
-    p.add_argument("--out", required=True, help="output directory for model.onnx and the processor files")
-    p.add_argument("--eval-data", default=None, help="image folder to score the export on (optional)")
+    p.add_argument("--out", required=True, help="output directory for the ONNX files, processor files and manifest")
+    p.add_argument(
+        "--parts",
+        default="model",
+        help="comma-separated: model (whole CLIPModel), vision (image tower -> image_embeds), "
+        "text (text tower -> text_embeds) (default: model)",
+    )
+    p.add_argument(
+        "--precision",
+        default="fp32",
+        help="comma-separated: fp32, fp16 (GPU: CUDA/TensorRT), int8 (CPU, dynamic quantization); "
+        "fp32 is always written as the reference (default: fp32)",
+    )
+    p.add_argument(
+        "--merge-base",
+        default="original",
+        choices=["original", "dequantized-4bit", "auto"],
+        help="fp32 base to merge into: the original weights, the dequantized 4-bit weights clients trained "
+        "against, or auto (whichever matches the 4-bit training-time outputs better; both are reported)",
+    )
+    p.add_argument("--eval-data", default=None, help="image folder to score the export on (one subfolder per class)")
+    p.add_argument("--labels", default=None, help="labels.txt (one per line) for the zero-shot head")
     p.add_argument("--prompt-template", default="a photo of a {label}.", help="class prompt template")
-    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs difference ORT vs PyTorch")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="fp32: max abs difference ORT vs PyTorch")
+    p.add_argument(
+        "--agreement-threshold",
+        type=float,
+        default=0.99,
+        help="fp16/int8: minimum top-1 agreement with fp32 on --eval-data (default: 0.99)",
+    )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("infer", help="classify images with an exported model (ONNX Runtime only, no PyTorch)")
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders of images")
+    p.add_argument("--model", required=True, help="directory written by `flora export`")
+    p.add_argument("--labels", default=None, help="labels.txt, one per line (default: the zero-shot head's labels)")
+    p.add_argument("--prompt-template", default=None, help="class prompt template (default: the export's)")
+    p.add_argument("--top-k", type=int, default=5, help="labels to print per image (default: 5)")
+    p.add_argument(
+        "--provider",
+        default="cpu",
+        choices=["cpu", "cuda", "tensorrt"],
+        help="execution provider; falls back tensorrt -> cuda -> cpu when unavailable (default: cpu)",
+    )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "int8"],
+        help="which exported file to run (default auto: fp32, else int8, else fp16)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images per ONNX Runtime call (default: 32)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("broker", help="run the embedded MQTT broker (amqtt), loopback only by default")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
@@ -168,6 +300,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-id", default=None, help="only this run")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained messages")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("provision", help="create devices' broker accounts, ACL entries, signing keys and configs")
+    p.add_argument("node_ids", nargs="+", metavar="NODE_ID", help="device ids (also their broker usernames)")
+    p.add_argument("--out", default="flora-provision", help="provisioning directory; keep it private")
+    p.add_argument("--broker-url", default="mqtts://broker.local:8883", help="broker URL the configs name")
+    p.add_argument("--run-id", default="default", help="run id the configs name")
+    p.add_argument("--coordinator-id", default="coordinator", help="the coordinator's node id and username")
+    p.add_argument("--model", default="openai/clip-vit-base-patch32", help="CLIP checkpoint the configs name")
+    p.add_argument("--data-dir", default="/var/lib/flora/data", help="devices' training data directory")
+    p.add_argument("--certs", default=None, help="make-certs.sh output: its ca.crt, and NODE.crt/.key when made")
+    p.add_argument("--install-dir", default="/etc/flora", help="where the files will live on each machine")
+    p.add_argument("--in-place", action="store_true", help="configs name the files where they are written")
+    p.add_argument("--force", action="store_true", help="re-provision a device: new password and keys")
+    p.set_defaults(func=cmd_provision)
     return parser
 
 

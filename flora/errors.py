@@ -33,6 +33,10 @@ class RejectReason(str, enum.Enum):
     NON_FINITE = "non_finite_values"
     NORM_BOUND = "norm_out_of_bound"
     BAD_METRICS = "bad_metrics"
+    # End-to-end integrity (flora/protocol/signing.py), checked when keys are configured:
+    UNSIGNED = "unsigned"  # no signature where one is required
+    BAD_SIGNATURE = "bad_signature"  # forged, altered after signing, or signed with another key
+    REPLAYED = "replayed"  # authentic, but signed in reply to an instruction this coordinator did not send
 
 
 class ProtocolError(FloraError):

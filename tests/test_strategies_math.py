@@ -178,3 +178,49 @@ def test_make_strategy_wraps_and_explains_bad_parameters():
         make_strategy("krum")
     with pytest.raises(ValueError, match="mean-based"):
         make_strategy("median", {"noise_multiplier": 1.0})
+
+
+def test_clients_of_lower_rank_start_from_the_truncated_global_and_aggregate_exactly():
+    from coordinator.strategies.lora import fit_to_rank
+
+    rng = np.random.default_rng(3)
+    alpha, R = 16.0, 4
+    g = {"x.lora_A.weight": rng.normal(size=(R, 6)), "x.lora_B.weight": rng.normal(size=(5, R))}
+    g_out = run(SVDLoRA(), g, [(g, 1)])  # re-factorised: components ordered by singular value
+    global_update = alpha / R * g_out["x.lora_B.weight"] @ g_out["x.lora_A.weight"]
+    start = fit_to_rank(g_out, 2)
+    client_update = alpha / 2 * start["x.lora_B.weight"] @ start["x.lora_A.weight"]
+    s = np.linalg.svd(global_update, compute_uv=False)
+    # the rank-2 client starts from the best rank-2 approximation of the global update (PEFT scaling included)
+    assert np.linalg.norm(global_update - client_update) == pytest.approx(np.sqrt(np.sum(s[2:] ** 2)), rel=1e-6)
+    # one rank-4 and one rank-2 client: the aggregate equals the mean of their true updates
+    low = {"x.lora_A.weight": rng.normal(size=(2, 6)), "x.lora_B.weight": rng.normal(size=(5, 2))}
+    high = {"x.lora_A.weight": rng.normal(size=(R, 6)), "x.lora_B.weight": rng.normal(size=(5, R))}
+    out = run(SVDLoRA(), g, [(low, 1), (high, 1)])
+    true_mean = (
+        alpha / 2 * low["x.lora_B.weight"] @ low["x.lora_A.weight"]
+        + alpha / R * high["x.lora_B.weight"] @ high["x.lora_A.weight"]
+    ) / 2
+    got = alpha / R * out["x.lora_B.weight"] @ out["x.lora_A.weight"]
+    s = np.linalg.svd(true_mean, compute_uv=False)
+    assert np.linalg.norm(true_mean - got) == pytest.approx(np.sqrt(np.sum(s[R:] ** 2)), rel=1e-6)
+
+
+def test_validation_accepts_a_lower_rank_only_when_the_strategy_does():
+    from coordinator.validation import validate_update
+    from flora.errors import ProtocolError
+    from flora.protocol import Envelope, adapter_to_body
+
+    g = {"x.lora_A.weight": np.zeros((4, 6), np.float32), "x.lora_B.weight": np.zeros((5, 4), np.float32)}
+    body, meta = adapter_to_body({"x.lora_A.weight": np.ones((2, 6)), "x.lora_B.weight": np.ones((5, 2))})
+    env = Envelope(kind="update", run="r", sender="c", round=1, data={"num_examples": 3}, body=body, body_meta=meta)
+    kwargs = dict(topic_node="c", run_id="r", round_=1, selected={"c"}, already=set(), global_tensors=g)
+    assert validate_update(env, allow_lower_rank=True, max_update_norm=100.0, **kwargs).tensors[
+        "x.lora_A.weight"
+    ].shape == (2, 6)
+    with pytest.raises(ProtocolError, match="shape"):
+        validate_update(env, **kwargs)
+    body, meta = adapter_to_body({"x.lora_A.weight": np.ones((2, 6)), "x.lora_B.weight": np.ones((5, 3))})
+    mixed = Envelope(kind="update", run="r", sender="c", round=1, data={"num_examples": 3}, body=body, body_meta=meta)
+    with pytest.raises(ProtocolError, match="shape"):  # A and B must agree on the rank
+        validate_update(mixed, allow_lower_rank=True, **kwargs)

@@ -88,7 +88,7 @@ def test_a_coordinator_counts_and_reports_clients_on_another_major_version(tmp_p
     peer.publish(Message(topics.status("client-9"), v2("status", "client-9", data={"state": "online"}), retain=True))
     peer.publish(Message(topics.update("client-9"), v2("update", "client-9", round=1, data={"num_examples": 5})))
 
-    with caplog.at_level(logging.WARNING), pytest.raises(RoundFailed, match="0 of 1 required clients"):
+    with caplog.at_level(logging.WARNING), pytest.raises(RoundFailed, match="0 of 1 required eligible clients"):
         coordinator.run()
 
     assert coordinator.rejections["incompatible_version"] == 2  # its status and its update

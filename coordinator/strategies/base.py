@@ -60,6 +60,7 @@ def as_float32(tensors: Tensors) -> Tensors:
 
 class Strategy(abc.ABC):
     name: str = ""
+    accepts_lower_rank: bool = False  # clients may send LoRA factors of a rank below the global one
 
     def configure_train(self, round_: int, settings: dict[str, Any]) -> dict[str, Any]:
         """Training settings sent to clients with the instruction (FedProx adds its mu here)."""

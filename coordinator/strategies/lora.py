@@ -19,20 +19,7 @@ import numpy as np
 
 from coordinator.strategies.base import ClientUpdate, Strategy, Tensors
 from coordinator.strategies.fedavg import FedAvg
-
-A_MARK, B_MARK = ".lora_A.", ".lora_B."
-
-
-def lora_pairs(names: Sequence[str]) -> dict[str, tuple[str, str]]:
-    """Module prefix -> (A tensor name, B tensor name), for every complete pair in `names`."""
-    pairs = {}
-    for name in names:
-        if A_MARK in name:
-            prefix = name.split(A_MARK)[0]
-            b_name = name.replace(A_MARK, B_MARK)
-            if b_name in names:
-                pairs[prefix] = (name, b_name)
-    return pairs
+from flora.modeling.lora_factors import A_MARK, B_MARK, fit_to_rank, lora_pairs, truncate  # noqa: F401
 
 
 def naive_aggregation_error(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: Sequence[float]) -> float:
@@ -72,11 +59,6 @@ def refactorize(
     return B_new, A_new
 
 
-def truncate(B: np.ndarray, A: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """The global adapter cut to a client's smaller rank: the leading components carry most energy."""
-    return B[:, :rank], A[:rank, :]
-
-
 class AggregationErrorMeter:
     """Streams the naive-averaging error for a round: bounded memory in the number of clients.
 
@@ -100,6 +82,9 @@ class AggregationErrorMeter:
         for prefix, (a_name, b_name) in self.pairs.items():
             A = np.asarray(tensors.get(a_name, self.global_tensors[a_name]), np.float64)  # FFA-LoRA sends no A
             B = np.asarray(tensors.get(b_name, self.global_tensors[b_name]), np.float64)
+            missing = self.global_tensors[a_name].shape[0] - A.shape[0]
+            if missing > 0:  # a lower-rank client: zero components leave B @ A unchanged
+                A, B = np.pad(A, ((0, missing), (0, 0))), np.pad(B, ((0, 0), (0, missing)))
             self.pending[prefix].append((weight * B, A))
             self.sum_A[prefix] = self.sum_A[prefix] + weight * A
             self.sum_B[prefix] = self.sum_B[prefix] + weight * B
@@ -140,13 +125,16 @@ class FFALoRA(FedAvg):
 
 
 class SVDLoRA(Strategy):
-    """Aggregate the clients' products B_k A_k exactly, then re-factorise to the global rank.
+    """Aggregate the clients' products exactly, then re-factorise to the global rank.
 
+    Clients may train at lower ranks than the global adapter (`fit_to_rank` gives them their
+    start); their B_k is weighted by R / r_k so each contributes its true update (alpha/r_k) B_k A_k.
     Keeps each client's factors for the round (O(clients x adapter size)); non-LoRA tensors, if
     any, are sample-weighted means.
     """
 
     name = "svd_lora"
+    accepts_lower_rank = True  # validation checks rank <= global rank instead of equality
 
     def begin(self, round_: int, global_tensors: Tensors) -> None:
         self.global_tensors = global_tensors
@@ -163,9 +151,8 @@ class SVDLoRA(Strategy):
         out = {}
         for a_name, b_name in self.pairs.values():
             rank = self.global_tensors[a_name].shape[0]
-            B, A = refactorize(
-                [t[b_name] for t, _ in self._updates], [t[a_name] for t, _ in self._updates], weights, rank
-            )
+            Bs = [np.asarray(t[b_name], np.float64) * (rank / t[a_name].shape[0]) for t, _ in self._updates]
+            B, A = refactorize(Bs, [t[a_name] for t, _ in self._updates], weights, rank)
             out[a_name], out[b_name] = A.astype(np.float32), B.astype(np.float32)
         paired = {n for pair in self.pairs.values() for n in pair}
         total = sum(weights)

@@ -28,12 +28,26 @@ class LabeledImages:
     class_names: list[str]
     skipped: int = 0  # unreadable files passed over while loading
     skipped_files: list[str] = field(default_factory=list)
+    # "class": class_names fill the prompt template. "caption": image-text pairs; class_names holds each
+    # distinct caption once and is used verbatim (labels index it), so the same loss code serves both.
+    text_kind: str = "class"
 
     def __len__(self) -> int:
         return len(self.images)
 
     def subset(self, indices: Sequence[int]) -> LabeledImages:
-        return LabeledImages([self.images[i] for i in indices], self.labels[np.asarray(indices)], self.class_names)
+        return LabeledImages(
+            [self.images[i] for i in indices],
+            self.labels[np.asarray(indices)],
+            self.class_names,
+            text_kind=self.text_kind,
+        )
+
+    def texts(self, template: str) -> list[str]:
+        """The distinct texts `labels` index: class prompts from `template`, or the captions themselves."""
+        if self.text_kind == "caption":
+            return list(self.class_names)
+        return [template.format(label=name) for name in self.class_names]
 
 
 def load_image_folder(root: str | Path) -> LabeledImages:

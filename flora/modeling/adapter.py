@@ -39,8 +39,29 @@ def get_adapter_state(peft_model: Any) -> dict[str, Any]:
     return {name: t.detach().to("cpu", torch.float32).clone() for name, t in sorted(state.items())}
 
 
-def check_adapter_tensors(expected: dict[str, Any], received: dict[str, Any]) -> None:
-    """Raise ProtocolError unless `received` has exactly the names and shapes of `expected`."""
+def lower_rank_of(expected: dict[str, Any], received: dict[str, Any]) -> int | None:
+    """The one LoRA rank below the expected one that every A/B pair of `received` has, else None.
+
+    Used where a strategy accepts clients training at a lower rank (shape rules: A is [r, in],
+    B is [out, r], r the same for every module and at most the global rank).
+    """
+    ranks = set()
+    for name, ref in expected.items():
+        got = tuple(received[name].shape)
+        if ".lora_A." in name and len(got) == 2 and got[1] == ref.shape[1] and 1 <= got[0] <= ref.shape[0]:
+            ranks.add(got[0])
+        elif ".lora_B." in name and len(got) == 2 and got[0] == ref.shape[0] and 1 <= got[1] <= ref.shape[1]:
+            ranks.add(got[1])
+        elif got != tuple(ref.shape):
+            return None
+    return ranks.pop() if len(ranks) == 1 else None
+
+
+def check_adapter_tensors(
+    expected: dict[str, Any], received: dict[str, Any], *, allow_lower_rank: bool = False
+) -> None:
+    """Raise ProtocolError unless `received` has exactly the names and shapes of `expected`
+    (or, with `allow_lower_rank`, the same modules at one lower LoRA rank)."""
     missing = sorted(set(expected) - set(received))
     extra = sorted(set(received) - set(expected))
     if missing or extra:
@@ -49,6 +70,8 @@ def check_adapter_tensors(expected: dict[str, Any], received: dict[str, Any]) ->
             f"adapter tensors do not match the recipe: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
             f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}",
         )
+    if allow_lower_rank and lower_rank_of(expected, received) is not None:
+        return
     for name, ref in expected.items():
         if tuple(received[name].shape) != tuple(ref.shape):
             raise ProtocolError(

@@ -22,6 +22,7 @@ class LoadedClip:
     name_or_path: str
     quantization: str
     device: str
+    compute_dtype: str = "float32"  # bitsandbytes' compute dtype, or the weights' dtype when not quantized
 
     @property
     def tokenizer(self):
@@ -99,6 +100,17 @@ def load_clip(
         ) from None
     if quant is None:
         model.to(device)
+    elif device == "cpu":
+        from flora.modeling.kbit import release_checkpoint_file
+
+        release_checkpoint_file(model)  # else the full-precision file stays mapped and resident
     model.eval()
     log.info("loaded %s (quantization=%s, device=%s)", name, quantization, device)
-    return LoadedClip(model=model, processor=processor, name_or_path=name, quantization=quantization, device=device)
+    return LoadedClip(
+        model=model,
+        processor=processor,
+        name_or_path=name,
+        quantization=quantization,
+        device=device,
+        compute_dtype=compute_dtype,
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -69,15 +70,23 @@ def run_amqtt(host: str = "127.0.0.1", port: int = 1883) -> None:
 class BrokerProcess:
     """A broker in a child process, stopped on exit. `url` is what clients connect to."""
 
-    def __init__(self, argv: list[str], host: str, port: int, log_path: Path | None, workdir: Path | None = None):
-        self.host, self.port, self.argv = host, port, argv
+    def __init__(
+        self,
+        argv: list[str],
+        host: str,
+        port: int,
+        log_path: Path | None,
+        workdir: Path | None = None,
+        scheme: str = "mqtt",
+    ):
+        self.host, self.port, self.argv, self.scheme = host, port, argv, scheme
         self.log_path = log_path
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{self.scheme}://{self.host}:{self.port}"
 
     def start(self, timeout: float = 20.0) -> BrokerProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
@@ -148,3 +157,38 @@ def mosquitto_broker(
     base = f"listener {port} {host}\nallow_anonymous true\n{store}"
     config.write_text(base + extra_config)
     return BrokerProcess([mosquitto_binary(), "-c", str(config)], host, port, log_path, workdir)
+
+
+DEPLOY_FILES_DIR = "/etc/mosquitto/flora/"  # where deploy/mosquitto/mosquitto.conf expects its files
+DEPLOY_STORE_DIR = "/var/lib/mosquitto/"
+
+
+def secured_mosquitto_broker(
+    config_file: Path,
+    files_dir: Path,
+    *,
+    port: int | None = None,
+    host: str = "127.0.0.1",
+    log_path: Path | None = None,
+    extra_config: str = "",
+) -> BrokerProcess:
+    """Mosquitto running a production config (deploy/mosquitto/mosquitto.conf), moved to a free loopback port.
+
+    Only three things change: its one TLS `listener PORT` binds `host` and a free port, the files it reads from
+    /etc/mosquitto/flora/ (passwd, acl, certificates) come from `files_dir`, and its persistence goes to a
+    temporary directory. Everything else (no anonymous access, the ACL, TLS) is used as written.
+    """
+    port = port or free_port(host)
+    text = Path(config_file).read_text()
+    text, listeners = re.subn(r"(?m)^listener\s+\d+\s*$", f"listener {port} {host}", text)
+    if listeners != 1 or DEPLOY_FILES_DIR not in text:
+        raise TransportError(f"{config_file} must have exactly one `listener PORT` and files in {DEPLOY_FILES_DIR}")
+    workdir = Path(tempfile.mkdtemp(prefix="flora-mosquitto-"))
+    text = text.replace(DEPLOY_FILES_DIR, f"{Path(files_dir).resolve()}/").replace(DEPLOY_STORE_DIR, f"{workdir}/")
+    if os.geteuid() == 0:
+        # Started as root, Mosquitto drops to the `mosquitto` user before reading passwd and acl, which a test
+        # keeps in a private temporary directory. (Installed, they are root:mosquitto, mode 0640.)
+        text += "\nuser root\n"
+    config = workdir / "mosquitto.conf"
+    config.write_text(text + extra_config)
+    return BrokerProcess([mosquitto_binary(), "-c", str(config)], host, port, log_path, workdir, scheme="mqtts")

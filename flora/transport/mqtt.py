@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import socket
 import ssl
 import threading
 import time
@@ -122,7 +123,14 @@ class MqttTransport(Transport):
             try:
                 self._client.connect(self.host, self.port, keepalive=self.keepalive)
                 break
+            except ssl.SSLCertVerificationError as exc:  # retrying cannot make an untrusted certificate trusted
+                _close_sockets_left_in(exc.__traceback__)
+                raise TransportError(
+                    f"TLS verification of broker {self.url} failed: {exc.verify_message or exc}. Set ca_file to the "
+                    "CA that signed the broker's certificate, and use a host name that certificate names"
+                ) from None
             except (OSError, ssl.SSLError) as exc:
+                _close_sockets_left_in(exc.__traceback__)
                 if time.monotonic() + delay > deadline:
                     raise TransportError(
                         f"cannot reach broker {self.url} after {timeout:.0f}s: {exc}. "
@@ -206,3 +214,13 @@ class MqttTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+
+def _close_sockets_left_in(tb) -> None:
+    """paho-mqtt 2.x does not close its socket when the TLS handshake fails; the socket is still referenced by
+    the traceback's frames. Close it, or every failed attempt leaks a file descriptor (and a ResourceWarning)."""
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, socket.socket):
+                value.close()
+        tb = tb.tb_next

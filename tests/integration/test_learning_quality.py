@@ -20,7 +20,7 @@ from flora.modeling.loading import load_clip
 from flora.modeling.recipes import get_recipe
 from tests.integration.helpers import TEMPLATE, client_configs, coordinator_config, start_agents
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # 16 rounds x 10 clients: slow on a busy machine
 
 CLIENTS, ROUNDS, LOCAL_EPOCHS = 10, 16, 1
 MARGIN = 0.25  # stated: FedAvg may trail centralized by at most 25 points under Dirichlet(0.1)
@@ -38,7 +38,7 @@ def test_federated_accuracy_is_within_the_stated_margin_of_centralized(
     )
     coordinator = build_coordinator(config)
     coordinator.start()
-    agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs))
+    _agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs))
     try:
         federated = coordinator.run()["final_accuracy"]
     finally:

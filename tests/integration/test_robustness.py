@@ -124,7 +124,7 @@ def test_round_completes_at_the_deadline_when_30_percent_of_clients_are_killed(
 
     killer = threading.Thread(target=kill_victims_when_round_one_starts, daemon=True)
     killer.start()
-    agents, threads = start_agents(survivors)
+    _agents, threads = start_agents(survivors)
     try:
         report = coordinator.run()
     finally:

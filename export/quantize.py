@@ -1,0 +1,120 @@
+"""Reduced-precision copies of a validated fp32 ONNX file: int8 for CPU targets, fp16 for GPU targets.
+
+- int8: ONNX Runtime's dynamic quantization (weights QInt8 ahead of time, activations quantized
+  per batch at run time) of MatMul and Gemm, which hold nearly all of CLIP's weights. No
+  calibration data is needed, which suits an export run on a server that has no device data.
+  Weights get one scale per output channel: with one scale per tensor a few large channels (the
+  text tower has some) crush the resolution of the rest. On the tiny test model (random adapter)
+  per-channel raised the whole model's top-1 agreement with fp32 from about 94% to 99%.
+  `keep_fp32` leaves chosen MatMuls in fp32 (node-name substrings, e.g. ATTENTION_PROJECTIONS); off by
+  default: on ViT-B/32 keeping the attention projections fp32 costs about 40% of int8's speed and
+  doubles the file, for a gain in agreement seen only on the tiny model (BENCHMARKS.md, Inference).
+- fp16: onnxruntime.transformers' float16 converter, keeping float32 inputs and outputs so the
+  same preprocessing and post-processing serve every precision. It targets the CUDA and
+  TensorRT execution providers (Jetson); ONNX Runtime's CPU provider runs it too, slowly, which
+  is enough to validate it on the export machine.
+
+Both start from the fp32 file, which stays the reference they are validated against.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+
+from export.metadata import stamp
+from export.parts import check_precision
+
+log = logging.getLogger(__name__)
+
+# Node-name substrings of CLIP's attention input/output projections, as torch.onnx names them.
+ATTENTION_PROJECTIONS = ("/q_proj/", "/k_proj/", "/v_proj/", "/out_proj/")
+
+
+def quantize_int8(
+    src: str | Path,
+    dst: str | Path,
+    metadata: dict[str, str] | None = None,
+    *,
+    keep_fp32: tuple[str, ...] = (),
+) -> Path:
+    """Dynamic int8 of every MatMul/Gemm with a constant weight, except those whose name holds a `keep_fp32` entry."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    dst = Path(dst)
+    excluded = [
+        node.name
+        for node in onnx.load(str(src), load_external_data=False).graph.node
+        if node.op_type in ("MatMul", "Gemm") and any(key in node.name for key in keep_fp32)
+    ]
+    if keep_fp32 and not excluded:
+        raise ValueError(f"keep_fp32={keep_fp32!r} matches no MatMul/Gemm node of {src}")
+    tmp = dst.with_name(f".{dst.name}.partial")
+    try:
+        with warnings.catch_warnings(), _quiet_root_logger():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                str(src),
+                str(tmp),
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=True,
+                nodes_to_exclude=excluded,
+            )
+        info = "dynamic int8: MatMul/Gemm weights QInt8 per channel, activations per batch"
+        if excluded:
+            info += f"; {len(excluded)} MatMul/Gemm kept fp32 ({', '.join(keep_fp32)})"
+        _restamp(tmp, {**(metadata or {}), "precision": "int8", "quantization": info})
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def convert_fp16(src: str | Path, dst: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.partial")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # it warns for every constant it clamps to fp16's range
+            proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+        stamp(proto, {**(metadata or {}), "precision": "fp16"})
+        onnx.save(proto, str(tmp))
+        tmp.replace(dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def make_precision(precision: str, src: str | Path, dst: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    check_precision(precision)
+    if precision == "int8":
+        return quantize_int8(src, dst, metadata)
+    if precision == "fp16":
+        return convert_fp16(src, dst, metadata)
+    raise ValueError("fp32 is exported directly, not converted")
+
+
+def _restamp(path: Path, metadata: dict[str, str]) -> None:
+    import onnx
+
+    proto = onnx.load(str(path))
+    onnx.save(stamp(proto, metadata), str(path))
+
+
+@contextlib.contextmanager
+def _quiet_root_logger():
+    """onnxruntime.quantization logs one INFO line per tensor, and a WARNING suggesting a
+    "pre-processing" pass (it only helps static quantization), through the root logger."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
