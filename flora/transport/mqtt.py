@@ -60,7 +60,8 @@ class MqttTransport(Transport):
         self.max_message_bytes = max_message_bytes
         self.keepalive = keepalive
         self._filters: dict[str, int] = {}
-        self._inbox: queue.Queue[Message] = queue.Queue()
+        # (message, mid): a QoS 1 message is acknowledged only when the role's thread takes it (see receive).
+        self._inbox: queue.Queue[tuple[Message, int | None]] = queue.Queue()
         self._connected = threading.Event()
         self._refused: str | None = None
         self._ever_connected = False
@@ -75,6 +76,7 @@ class MqttTransport(Transport):
             clean_session=clean_session,
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.manual_ack_set(True)  # acknowledged in receive(): see there
         # Queue outgoing QoS 1 messages while disconnected rather than failing at once.
         self._client.max_queued_messages_set(0)
         user = username or url_user
@@ -100,7 +102,7 @@ class MqttTransport(Transport):
         self._connected.set()
         if self._ever_connected:
             log.info("%s reconnected to %s:%s", self.client_id, self.host, self.port)
-            self._inbox.put(Message(RECONNECTED, b"", qos=0))
+            self._inbox.put((Message(RECONNECTED, b"", qos=0), None))
         self._ever_connected = True
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties):
@@ -111,7 +113,8 @@ class MqttTransport(Transport):
 
     def _on_message(self, client, userdata, msg):
         self.bytes_received += len(msg.payload)
-        self._inbox.put(Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain)))
+        message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain))
+        self._inbox.put((message, msg.mid if msg.qos else None))
 
     # -- Transport ------------------------------------------------------------------------
     def connect(self, *, will: Message | None = None, timeout: float = 30.0) -> None:
@@ -200,9 +203,15 @@ class MqttTransport(Transport):
 
     def receive(self, timeout: float | None = None) -> Message | None:
         try:
-            return self._inbox.get(timeout=timeout)
+            message, mid = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        if mid is not None:
+            # Manual acknowledgement is our flow control: the broker sends at most its in-flight window
+            # (Mosquitto: max_inflight_messages, 20) of unacknowledged QoS 1 messages, so a burst of
+            # 500 updates waits in the broker's queue rather than in this process's memory.
+            self._client.ack(mid, message.qos)
+        return message
 
     def close(self) -> None:
         try:
