@@ -64,8 +64,8 @@ class Coordinator:
         self.next_round = 1
         self._started = False
         self._instruction: Message | None = None  # the open round's, re-published after a reconnect
-        self._early: list[Message] = []
-        self._last_plot = float("-inf")  # updates for the next round that arrived before it opened
+        self._early: list[Message] = []  # updates for the next round that arrived before it opened
+        self._last_plot = float("-inf")
 
     # -- setup and resume ----------------------------------------------------------------
     def _coordinator_status(self, state: str) -> Message:
@@ -81,9 +81,7 @@ class Coordinator:
         if self._started:
             return
         self._started = True
-        self.transport.connect(will=self._coordinator_status("offline"))
-        self.transport.subscribe(self.topics.all_status, qos=1)
-        self.transport.subscribe(self.topics.all_updates, qos=1)
+        # Checkpoint first, broker second: the Last Will registered at connect then names the right round.
         saved = self.checkpoints.load()
         if saved is None:
             self.global_tensors = self.evaluator.initial_adapter()
@@ -91,6 +89,9 @@ class Coordinator:
             log.info("fresh run %s; initial accuracy %s", self.config.run_id, _pct(self.initial))
         else:
             self._resume(saved)
+        self.transport.connect(will=self._coordinator_status("offline"))
+        self.transport.subscribe(self.topics.all_status, qos=1)
+        self.transport.subscribe(self.topics.all_updates, qos=1)
         if self.next_round <= self.config.rounds:
             # A run extended after it finished (more rounds) must not leave clients reading "finished".
             self.transport.publish(Message(self.topics.instruction, b"", retain=True))

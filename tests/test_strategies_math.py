@@ -18,9 +18,10 @@ from coordinator.strategies import (
     make_strategy,
 )
 from coordinator.strategies.fedopt import fedadam_step, fedavgm_step, fedyogi_step
-from coordinator.strategies.lora import AggregationErrorMeter, naive_aggregation_error, refactorize, truncate
+from coordinator.strategies.lora import AggregationErrorMeter, naive_aggregation_error, refactorize
 from coordinator.strategies.robust import coordinate_median, trimmed_mean
 from coordinator.strategies.wrappers import clip_update
+from flora.modeling.lora_factors import fit_to_rank, truncate
 
 
 def run(strategy, global_tensors, updates):
@@ -181,8 +182,6 @@ def test_make_strategy_wraps_and_explains_bad_parameters():
 
 
 def test_clients_of_lower_rank_start_from_the_truncated_global_and_aggregate_exactly():
-    from coordinator.strategies.lora import fit_to_rank
-
     rng = np.random.default_rng(3)
     alpha, R = 16.0, 4
     g = {"x.lora_A.weight": rng.normal(size=(R, 6)), "x.lora_B.weight": rng.normal(size=(5, R))}

@@ -19,7 +19,7 @@ import numpy as np
 
 from coordinator.strategies.base import ClientUpdate, Strategy, Tensors
 from coordinator.strategies.fedavg import FedAvg
-from flora.modeling.lora_factors import A_MARK, B_MARK, fit_to_rank, lora_pairs, truncate  # noqa: F401
+from flora.modeling.lora_factors import B_MARK, lora_pairs
 
 
 def naive_aggregation_error(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: Sequence[float]) -> float:
