@@ -191,18 +191,19 @@ def _instrument(coord, clock: PhaseClock, events) -> None:
         inner = inner.inner
     inbox = getattr(inner, "_inbox", None)  # MqttTransport's queue, filled by paho's network thread
     receive = transport.receive
-    backlog = {"max": 0}
+    backlog = {"max": 0, "max_bytes": 0}
 
     def watched_receive(timeout=None):
-        if inbox is not None:
+        if inbox is not None:  # messages (status and updates) and their payload bytes, bounded by max_inbox_bytes
             backlog["max"] = max(backlog["max"], inbox.qsize())
+            backlog["max_bytes"] = max(backlog["max_bytes"], inner.inbox_bytes)
         return receive(timeout=timeout)
 
     transport.receive = watched_receive
 
     def timed_round(round_: int) -> dict[str, Any]:
         clock.reset()
-        backlog["max"] = 0
+        backlog["max"] = backlog["max_bytes"] = 0
         cpu0, sent0, received0 = os.times(), transport.bytes_sent, transport.bytes_received
         start = time.monotonic()
         record = run_round(round_)
@@ -237,6 +238,7 @@ def _instrument(coord, clock: PhaseClock, events) -> None:
                     "updates_per_s": record["participants"] / collect_s if collect_s else None,
                     # Messages received but not yet processed by the round loop, at most (its inbox is unbounded).
                     "max_inbox_backlog": backlog["max"],
+                    "max_inbox_bytes": backlog["max_bytes"],
                     "bytes_up": record["bytes_up"],
                     "bytes_down": record["bytes_down"],
                     "coordinator_bytes_published": transport.bytes_sent - sent0,
@@ -757,6 +759,7 @@ def summarise(n, rounds, setup, done, stats, online_s, broker_status, broker_cpu
         "clients_all_updates_sent_after_s": median(lambda r: r.get("clients", {}).get("last_update_sent_after_s", 0.0)),
         "last_update_accumulated_after_s": median(lambda r: r["last_update_accumulated_after_s"] or 0.0),
         "max_inbox_backlog": max(r["max_inbox_backlog"] for r in rounds),
+        "max_inbox_mb": max(r["max_inbox_bytes"] for r in rounds) / 1e6,
     }
     complete = all(r["participants"] == n for r in rounds) and len(rounds) > 0
     return {
@@ -869,7 +872,7 @@ def markdown_rows(results: list[dict[str, Any]]) -> list[str]:
     rows += [
         "",
         "| N | error meter ms/update | other work ms/update | plot_metrics s | rest of checkpoint s "
-        "| all updates sent after s | last update accumulated after s | max inbox backlog |",
+        "| all updates sent after s | last update accumulated after s | max inbox backlog (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -878,7 +881,7 @@ def markdown_rows(results: list[dict[str, Any]]) -> list[str]:
             f"| {r['clients']} | {b['error_meter_ms_per_update']:.1f} | {b['other_update_work_ms_per_update']:.2f} "
             f"| {b['plot_metrics_s']:.2f} | {b['checkpoint_without_plot_s']:.2f} "
             f"| {b['clients_all_updates_sent_after_s']:.2f} | {b['last_update_accumulated_after_s']:.2f} "
-            f"| {b['max_inbox_backlog']} |"
+            f"| {b['max_inbox_backlog']} ({b['max_inbox_mb']:.1f}) |"
         )
     return rows
 

@@ -9,6 +9,7 @@ with a fresh selection), evaluate, checkpoint atomically, publish the round resu
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -322,7 +323,9 @@ class Coordinator:
                 continue
             self.strategy.accumulate(update)
             self.error_meter.add(update.tensors, update.num_examples)
-            accepted[update.node] = update
+            # Keep who answered and their metrics, not their tensors: those are already folded into the
+            # strategy, and holding 500 updates' tensors would make memory grow with the fleet.
+            accepted[update.node] = dataclasses.replace(update, tensors={})
             bytes_up += len(message.payload)
             self.view.progress(len(accepted), sum(rejected.values()))
         return list(accepted.values()), rejected, bytes_up

@@ -28,7 +28,7 @@ class Manifest:
     prompt_template: str
     logit_scale: float
     max_text_length: int | None
-    # files[part][precision] = {"file": ..., "bytes": ..., "passed": bool}
+    # files[part][precision] = {"file": ..., "bytes": ..., "passed": bool} (+ "int8_scheme" for int8)
     files: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     zero_shot_head: str | None = None
     flora_version: str = ""

@@ -5,6 +5,10 @@ only once every fp32 and fp16 file has passed validation, the manifest last; an 
 fails validation leaves the output directory as it was. A quantized file whose top-1 agreement
 with fp32 falls below the threshold is still written (to be inspected) but marked as not passed
 in the manifest and the result, and `ok` is False: the report says so rather than claiming success.
+
+int8 is accuracy-aware by default (`int8_scheme="auto"`): the schemes of export.quantize.INT8_SCHEMES
+are tried fastest first and the first that meets the agreement threshold is kept; every attempt is
+reported, so the speed given up for agreement is visible.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from export.onnx_export import compare_outputs, export_part, onnx_outputs, raise
 from export.parts import PARTS, PRECISIONS, OnnxPart, get_part, parse_list
 from export.providers import make_session
 from export.quality import accuracy, median_latency_ms
-from export.quantize import make_precision
+from export.quantize import INT8_SCHEMES, check_int8_mode, make_precision
 from export.zero_shot import HEAD_FILE
 from flora import __version__
 from flora.data.datasets import LabeledImages
@@ -49,8 +53,10 @@ class Limits:
     fp16_tolerance: float = 1e-2  # fp16: on embeddings; on logits it is multiplied by the logit scale
     agreement_threshold: float = 0.99  # fp16/int8: top-1 agreement with fp32 on the scoring set
     latency_repeats: int = 10
+    int8_scheme: str = "auto"  # a name from export.quantize.INT8_SCHEMES, or auto: the fastest that agrees
 
     def __post_init__(self):
+        check_int8_mode(self.int8_scheme)
         if not self.tolerance > 0 or not self.fp16_tolerance > 0:
             raise ConfigError("tolerances must be positive numbers")
         if not 0.0 <= self.agreement_threshold <= 1.0:
@@ -72,13 +78,14 @@ def export_and_validate(
     agreement_threshold: float = 0.99,
     fp16_tolerance: float = 1e-2,
     latency_repeats: int = 10,
+    int8_scheme: str = "auto",
 ) -> dict[str, Any]:
     """Export the merged model; raise ExportValidationError if an fp32 or fp16 file disagrees with PyTorch.
 
     int8 has no elementwise bound (dynamic quantization moves values by design): it is judged, as
     fp16 is too, by top-1 agreement with fp32 on `eval_data` (else on synthetic images).
     """
-    limits = Limits(tolerance, fp16_tolerance, agreement_threshold, latency_repeats)
+    limits = Limits(tolerance, fp16_tolerance, agreement_threshold, latency_repeats, int8_scheme)
     parts = parse_list(parts, tuple(PARTS), "parts")
     # fp32 is always written: it is the file the others are derived from and validated against.
     precisions = ("fp32", *(p for p in parse_list(precisions, PRECISIONS, "precisions") if p != "fp32"))
@@ -150,34 +157,79 @@ class _PartExporter:
             self.clip.model, part, sample, self.staging / part.filename("fp32"), metadata=self.metadata
         )
         torch_refs = {name: torch_outputs(self.clip.model, part, inputs) for name, inputs in self.checks.items()}
-        records, fp32_logits = [], None
+        fp32_record, fp32_logits = self.score(part, "fp32", fp32_path, torch_refs, None)
+        records = [fp32_record]
         for precision in precisions:
-            path = fp32_path
-            if precision != "fp32":
+            if precision == "int8":
+                records.append(self.int8(part, fp32_path, torch_refs, fp32_logits))
+            elif precision != "fp32":
                 path = make_precision(precision, fp32_path, self.staging / part.filename(precision), self.metadata)
-            record = self.validate(part, precision, path, torch_refs)
-            max_len = self.clip.model.config.text_config.max_position_embeddings
-            logits = evaluate.onnx_logits(part.name, path, self.staging, self.data, self.reference, max_len)
-            record["test"] = evaluate.score(
-                logits, self.data, fp32_logits=fp32_logits, torch_logits=self.reference.logits
-            )
-            if precision == "fp32":
-                fp32_logits = logits
-            else:
-                self.judge_agreement(record)
-            record["latency_ms_batch1_cpu"] = self.latency(part, path)
-            records.append(record)
+                records.append(self.judge_agreement(self.score(part, precision, path, torch_refs, fp32_logits)[0]))
+        for record in records:
+            record["latency_ms_batch1_cpu"] = self.latency(part, self.staging / record["file"])
+            reference = "PyTorch" if record["precision"] == "fp32" else "fp32"
             log.log(
                 logging.INFO if record["passed"] else logging.WARNING,
-                "%s: %.2f MB, %.2f ms per call (batch 1, CPU), top-1 agreement with %s %.1f%%%s",
+                "%s: %.2f MB, %.2f ms per call (batch 1, CPU), top-1 agreement with %s %.1f%%%s%s",
                 record["file"],
                 record["bytes"] / 1e6,
                 record["latency_ms_batch1_cpu"],
-                "PyTorch" if precision == "fp32" else "fp32",
-                100 * record["test"]["agreement_with_pytorch" if precision == "fp32" else "agreement_with_fp32"],
+                reference,
+                100 * record["test"][f"agreement_with_{reference.lower()}"],
+                f" (int8 scheme {record['int8_scheme']})" if "int8_scheme" in record else "",
                 "" if record["passed"] else " (BELOW THRESHOLD)",
             )
         return records
+
+    def score(self, part: OnnxPart, precision: str, path: Path, torch_refs, fp32_logits) -> tuple[dict, np.ndarray]:
+        """Validate against PyTorch, then score on the scoring set (agreement with fp32 when it is given)."""
+        record = self.validate(part, precision, path, torch_refs)
+        max_len = self.clip.model.config.text_config.max_position_embeddings
+        logits = evaluate.onnx_logits(part.name, path, self.staging, self.data, self.reference, max_len)
+        record["test"] = evaluate.score(logits, self.data, fp32_logits=fp32_logits, torch_logits=self.reference.logits)
+        return record, logits
+
+    def int8(self, part: OnnxPart, fp32_path: Path, torch_refs, fp32_logits: np.ndarray) -> dict[str, Any]:
+        """Quantize with each scheme in turn (auto) until one meets the agreement threshold.
+
+        The one kept is the first that passes, else the one that agreed best (ties: the faster);
+        the others are deleted. Every attempt is in the record's `int8_attempts`.
+        """
+        mode = self.limits.int8_scheme
+        schemes = list(INT8_SCHEMES) if mode == "auto" else [mode]
+        final = self.staging / part.filename("int8")
+        attempts: list[dict[str, Any]] = []
+        best: tuple[dict[str, Any], Path, str] | None = None
+        for scheme in schemes:
+            path = make_precision(
+                "int8", fp32_path, final.with_name(f".{scheme}.{final.name}"), self.metadata, int8_scheme=scheme
+            )
+            record, _ = self.score(part, "int8", path, torch_refs, fp32_logits)
+            record["file"] = final.name
+            self.judge_agreement(record)
+            agreement = record["test"]["agreement_with_fp32"]
+            attempts.append({"scheme": scheme, "agreement_with_fp32": agreement, "bytes": record["bytes"]})
+            if best is None or agreement > best[0]["test"]["agreement_with_fp32"]:
+                best = (record, path, scheme)
+            if record["passed"]:
+                break
+            if scheme != schemes[-1]:
+                log.info(
+                    "%s: int8 scheme %s agrees %.1f%% with fp32, below %.0f%%; trying the next scheme",
+                    final.name,
+                    scheme,
+                    100 * agreement,
+                    100 * self.limits.agreement_threshold,
+                )
+        assert best is not None
+        record, path, scheme = best
+        os.replace(path, final)
+        for leftover in final.parent.glob(f".*.{final.name}"):
+            leftover.unlink()
+        record["int8_scheme"], record["int8_attempts"] = scheme, attempts
+        if not record["passed"] and len(attempts) > 1:
+            record["problem"] += f" (best of the int8 schemes tried: {', '.join(schemes)})"
+        return record
 
     def validate(self, part: OnnxPart, precision: str, path: Path, torch_refs) -> dict[str, Any]:
         """Compare with PyTorch on each input set; fp32 and fp16 raise past their bounds, int8 is reported."""
@@ -200,7 +252,7 @@ class _PartExporter:
         record["passed"], record["problem"] = True, None
         return record
 
-    def judge_agreement(self, record: dict[str, Any]) -> None:
+    def judge_agreement(self, record: dict[str, Any]) -> dict[str, Any]:
         agreement, threshold = record["test"]["agreement_with_fp32"], self.limits.agreement_threshold
         if agreement < threshold:
             record["passed"] = False
@@ -208,6 +260,7 @@ class _PartExporter:
                 f"{record['file']}: top-1 agreement with fp32 is {agreement:.1%}, below the {threshold:.0%} "
                 f"threshold on {self.data.description}; deploy the fp32 file instead, or accept the loss knowingly"
             )
+        return record
 
     def latency(self, part: OnnxPart, path: Path) -> float:
         """Median ms for one image (and the scoring prompts) on ONNX Runtime's CPU provider."""
@@ -253,6 +306,7 @@ def _manifest(clip, metadata, template, reference, records, head_file, result) -
             "file": r["file"],
             "bytes": r["bytes"],
             "passed": r["passed"],
+            **({"int8_scheme": r["int8_scheme"]} if "int8_scheme" in r else {}),
         }
     return Manifest(
         base_model=metadata["base_model"],

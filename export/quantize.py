@@ -6,9 +6,14 @@
   Weights get one scale per output channel: with one scale per tensor a few large channels (the
   text tower has some) crush the resolution of the rest. On the tiny test model (random adapter)
   per-channel raised the whole model's top-1 agreement with fp32 from about 94% to 99%.
-  `keep_fp32` leaves chosen MatMuls in fp32 (node-name substrings, e.g. ATTENTION_PROJECTIONS); off by
-  default: on ViT-B/32 keeping the attention projections fp32 costs about 40% of int8's speed and
-  doubles the file, for a gain in agreement seen only on the tiny model (BENCHMARKS.md, Inference).
+  Schemes (INT8_SCHEMES), fastest first, each keeping more in fp32: `full` quantizes every such MatMul;
+  `first-attention-fp32` keeps the first encoder layer's attention projections (q, k, v, out) in fp32,
+  the layer that sees the raw patch/token embeddings, whose wide activation ranges suffer most from one
+  int8 scale per batch; `attention-fp32` keeps every layer's attention projections, which on ViT-B/32
+  costs about 40% of int8's speed and doubles the file. On the tiny model both cut the disagreements
+  with fp32 on the 1437-image train split from 16 to 3-5 (BENCHMARKS.md, Inference).
+  `flora export` defaults to `auto`: it tries them in order and keeps the first whose top-1 agreement
+  with fp32 meets the threshold, so a model pays for fp32 attention only when full int8 is not good enough.
 - fp16: onnxruntime.transformers' float16 converter, keeping float32 inputs and outputs so the
   same preprocessing and post-processing serve every precision. It targets the CUDA and
   TensorRT execution providers (Jetson); ONNX Runtime's CPU provider runs it too, slowly, which
@@ -26,11 +31,32 @@ from pathlib import Path
 
 from export.metadata import stamp
 from export.parts import check_precision
+from flora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 # Node-name substrings of CLIP's attention input/output projections, as torch.onnx names them.
 ATTENTION_PROJECTIONS = ("/q_proj/", "/k_proj/", "/v_proj/", "/out_proj/")
+
+# The first encoder layer's attention projections, in either tower ("/layers.0/" does not match layers.10).
+FIRST_LAYER_ATTENTION = ("/encoder/layers.0/self_attn/",)
+
+# int8 schemes by name -> the MatMuls they keep in fp32. Ordered: fastest first, the order `auto` tries.
+INT8_SCHEMES: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "first-attention-fp32": FIRST_LAYER_ATTENTION,
+    "attention-fp32": ATTENTION_PROJECTIONS,
+}
+INT8_MODES = ("auto", *INT8_SCHEMES)
+
+
+def check_int8_mode(mode: str) -> str:
+    if mode not in INT8_MODES:
+        raise ConfigError(
+            f"unknown int8 scheme {mode!r}; choose from: {', '.join(INT8_MODES)} (auto tries "
+            f"{', '.join(INT8_SCHEMES)} in turn and keeps the first that meets the agreement threshold)"
+        )
+    return mode
 
 
 def quantize_int8(
@@ -65,9 +91,10 @@ def quantize_int8(
                 nodes_to_exclude=excluded,
             )
         info = "dynamic int8: MatMul/Gemm weights QInt8 per channel, activations per batch"
+        scheme = next((name for name, keep in INT8_SCHEMES.items() if keep == keep_fp32), "custom")
         if excluded:
             info += f"; {len(excluded)} MatMul/Gemm kept fp32 ({', '.join(keep_fp32)})"
-        _restamp(tmp, {**(metadata or {}), "precision": "int8", "quantization": info})
+        _restamp(tmp, {**(metadata or {}), "precision": "int8", "int8_scheme": scheme, "quantization": info})
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -92,10 +119,19 @@ def convert_fp16(src: str | Path, dst: str | Path, metadata: dict[str, str] | No
     return dst
 
 
-def make_precision(precision: str, src: str | Path, dst: str | Path, metadata: dict[str, str] | None = None) -> Path:
+def make_precision(
+    precision: str,
+    src: str | Path,
+    dst: str | Path,
+    metadata: dict[str, str] | None = None,
+    *,
+    int8_scheme: str = "full",
+) -> Path:
     check_precision(precision)
     if precision == "int8":
-        return quantize_int8(src, dst, metadata)
+        if int8_scheme not in INT8_SCHEMES:
+            raise ConfigError(f"unknown int8 scheme {int8_scheme!r}; choose from: {', '.join(INT8_SCHEMES)}")
+        return quantize_int8(src, dst, metadata, keep_fp32=INT8_SCHEMES[int8_scheme])
     if precision == "fp16":
         return convert_fp16(src, dst, metadata)
     raise ValueError("fp32 is exported directly, not converted")

@@ -115,6 +115,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         merge_base=args.merge_base,
         labels=read_labels(args.labels) if args.labels else None,
         agreement_threshold=args.agreement_threshold,
+        int8_scheme=args.int8_scheme,
     )
     print(json.dumps(result, indent=2))
     if not result["ok"]:
@@ -264,6 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.99,
         help="fp16/int8: minimum top-1 agreement with fp32 on --eval-data (default: 0.99)",
+    )
+    p.add_argument(
+        "--int8-scheme",
+        default="auto",
+        choices=["auto", "full", "first-attention-fp32", "attention-fp32"],  # export.quantize.INT8_MODES
+        help="int8: full (every MatMul int8, fastest), first-attention-fp32 (the first layer's attention "
+        "projections kept fp32), attention-fp32 (every layer's: about 40%% slower), or auto: the first of "
+        "those, in that order, that meets --agreement-threshold (default: auto)",
     )
     p.set_defaults(func=cmd_export)
 

@@ -66,3 +66,12 @@ def test_demo_end_to_end_writes_every_output(tmp_path):
     assert (out / "onnx" / "model.onnx").is_file()
     logs = {p.name for p in (out / "logs").iterdir()}
     assert {"coordinator.log", "client-0.log", "client-1.log", "broker.log"} <= logs
+
+
+def test_export_offers_every_int8_scheme():
+    from export.quantize import INT8_MODES
+    from flora.cli import build_parser
+
+    export = build_parser()._subparsers._group_actions[0].choices["export"]
+    (scheme,) = [a for a in export._actions if a.dest == "int8_scheme"]
+    assert tuple(scheme.choices) == INT8_MODES and scheme.default == "auto"

@@ -185,6 +185,16 @@ def test_manifest_keeps_the_report_and_is_valid_json(full_export):
     assert result["onnxruntime_accuracy"] == result["pytorch_accuracy"] and result["test_examples"] == 359
 
 
+def test_auto_int8_keeps_full_int8_when_it_agrees(full_export):
+    out, result = full_export
+    manifest = Manifest.read(out)
+    for part in PARTS:
+        record = _record(result, part, "int8")
+        assert record["passed"]  # threshold 0.95 here: full int8 is good enough, so nothing slower is tried
+        assert record["int8_scheme"] == "full" and [a["scheme"] for a in record["int8_attempts"]] == ["full"]
+        assert manifest.files[part]["int8"]["int8_scheme"] == "full"
+
+
 def test_int8_can_keep_chosen_matmuls_in_fp32(full_export, tmp_path):
     from export.quantize import ATTENTION_PROJECTIONS, quantize_int8
 

@@ -3,6 +3,12 @@
 Reconnects by itself with exponential backoff (paho's loop thread) and re-subscribes on every
 connect. A persistent session (`clean_session=False`) makes the broker queue QoS 1 messages
 for us while we are away: the coordinator uses it so updates sent during a restart survive.
+
+Flow control: messages wait in the broker, not in this process. A QoS 1 message is acknowledged only
+when the role takes it, and the network thread stops reading the socket while the inbox holds more than
+`max_inbox_bytes` (TCP then pushes back on the broker, which queues for us). Mosquitto's in-flight window
+alone does not do this: measured with 200 concurrent publishers and a consuming subscriber, it let 184
+unacknowledged 100 KB messages through (bench/coordinator_scale.py saw 422 of 500).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
@@ -23,6 +30,8 @@ from flora.transport.base import RECONNECTED, Message, Transport, TransportError
 log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+DEFAULT_MAX_INBOX_BYTES = 4 * 1024 * 1024  # ~40 paper-recipe updates (102 KB); a bigger message still gets in
+PAUSED_WAKEUP_S = 0.05  # while reading is paused, the network thread still wakes this often (pings, writes)
 
 
 def parse_broker_url(url: str) -> tuple[str, str, int, str | None, str | None]:
@@ -39,6 +48,29 @@ def parse_broker_url(url: str) -> tuple[str, str, int, str | None, str | None]:
     return parsed.scheme, parsed.hostname, port, user, password
 
 
+class _PausableClient(mqtt.Client):
+    """paho Client whose network thread skips reading while `may_read()` is false.
+
+    paho's loop calls loop_read() whenever select() reports the socket readable; returning without reading
+    leaves the bytes in the kernel's buffer, and once that fills, TCP stops the broker's sends. The wait
+    keeps the loop from spinning on a socket that stays readable; `wake` cuts it short.
+    """
+
+    def __init__(self, *args, may_read: Callable[[], bool], wake: threading.Event, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._may_read = may_read
+        self._wake = wake
+
+    def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
+        # A PINGREQ waiting for its PINGRESP (paho's _ping_t) must be answered by reading, or paho would
+        # drop the connection as dead after `keepalive` seconds of a full inbox.
+        if self._sock is not None and getattr(self, "_ping_t", 0) == 0 and not self._may_read():
+            self._wake.wait(PAUSED_WAKEUP_S)
+            self._wake.clear()
+            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+        return super().loop_read(max_packets)
+
+
 class MqttTransport(Transport):
     def __init__(
         self,
@@ -53,6 +85,7 @@ class MqttTransport(Transport):
         key_file: str | None = None,
         keepalive: int = 30,
         max_message_bytes: int | None = None,
+        max_inbox_bytes: int = DEFAULT_MAX_INBOX_BYTES,
     ):
         scheme, self.host, self.port, url_user, url_password = parse_broker_url(url)
         self.url = url
@@ -62,6 +95,10 @@ class MqttTransport(Transport):
         self._filters: dict[str, int] = {}
         # (message, mid): a QoS 1 message is acknowledged only when the role's thread takes it (see receive).
         self._inbox: queue.Queue[tuple[Message, int | None]] = queue.Queue()
+        self.max_inbox_bytes = max_inbox_bytes
+        self._inbox_bytes = 0  # payload bytes in the inbox; guarded by _lock
+        self._awaiting_acks = 0  # publishes waiting for the broker's PUBACK, which must be read; guarded by _lock
+        self._wake_reader = threading.Event()
         self._connected = threading.Event()
         self._refused: str | None = None
         self._ever_connected = False
@@ -69,11 +106,13 @@ class MqttTransport(Transport):
         self.bytes_sent = 0
         self.bytes_received = 0
 
-        self._client = mqtt.Client(
+        self._client = _PausableClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv311,
             clean_session=clean_session,
+            may_read=self._may_read,
+            wake=self._wake_reader,
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.manual_ack_set(True)  # acknowledged in receive(): see there
@@ -114,7 +153,15 @@ class MqttTransport(Transport):
     def _on_message(self, client, userdata, msg):
         self.bytes_received += len(msg.payload)
         message = Message(msg.topic, bytes(msg.payload), msg.qos, bool(msg.retain))
+        with self._lock:
+            self._inbox_bytes += len(message.payload)
         self._inbox.put((message, msg.mid if msg.qos else None))
+
+    def _may_read(self) -> bool:
+        """Read on while the inbox has room, and always while one of our publishes awaits its PUBACK
+        (it is behind whatever the broker sent before it; not reading would deadlock publish())."""
+        with self._lock:
+            return self._inbox_bytes < self.max_inbox_bytes or self._awaiting_acks > 0
 
     # -- Transport ------------------------------------------------------------------------
     def connect(self, *, will: Message | None = None, timeout: float = 30.0) -> None:
@@ -191,27 +238,41 @@ class MqttTransport(Transport):
 
     def _wait_for_ack(self, info, deadline: float, topic: str, timeout: float) -> bool:
         """True once acknowledged; False if the connection dropped first (paho then raises RuntimeError)."""
-        while True:
-            try:
-                if info.is_published():
-                    return True
-            except RuntimeError:
-                return False
-            if time.monotonic() > deadline:
-                raise TransportError(f"broker did not acknowledge {topic} within {timeout:.0f}s")
-            time.sleep(0.01)
+        with self._lock:
+            self._awaiting_acks += 1
+        self._wake_reader.set()
+        try:
+            while True:
+                try:
+                    if info.is_published():
+                        return True
+                except RuntimeError:
+                    return False
+                if time.monotonic() > deadline:
+                    raise TransportError(f"broker did not acknowledge {topic} within {timeout:.0f}s")
+                time.sleep(0.01)
+        finally:
+            with self._lock:
+                self._awaiting_acks -= 1
 
     def receive(self, timeout: float | None = None) -> Message | None:
         try:
             message, mid = self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
+        with self._lock:
+            self._inbox_bytes -= len(message.payload)
+        self._wake_reader.set()
         if mid is not None:
-            # Manual acknowledgement is our flow control: the broker sends at most its in-flight window
-            # (Mosquitto: max_inflight_messages, 20) of unacknowledged QoS 1 messages, so a burst of
-            # 500 updates waits in the broker's queue rather than in this process's memory.
+            # Acknowledged now, not on arrival: a crash before the role took it means redelivery, not loss.
             self._client.ack(mid, message.qos)
         return message
+
+    @property
+    def inbox_bytes(self) -> int:
+        """Payload bytes received but not yet taken by receive() (bounded by max_inbox_bytes plus one read)."""
+        with self._lock:
+            return self._inbox_bytes
 
     def close(self) -> None:
         try:
