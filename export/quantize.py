@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 from export.metadata import stamp
@@ -64,13 +65,14 @@ def quantize_int8(
     dst: str | Path,
     metadata: dict[str, str] | None = None,
     *,
-    keep_fp32: tuple[str, ...] = (),
+    keep_fp32: Sequence[str] = (),
 ) -> Path:
     """Dynamic int8 of every MatMul/Gemm with a constant weight, except those whose name holds a `keep_fp32` entry."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
+    keep_fp32 = tuple(keep_fp32)
     excluded = [
         node.name
         for node in onnx.load(str(src), load_external_data=False).graph.node

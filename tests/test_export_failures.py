@@ -75,7 +75,7 @@ def test_quantized_file_below_agreement_is_flagged_not_claimed(
     result = json.loads(captured.out)
     assert result["ok"] is False
     assert "vision_model_int8.onnx: top-1 agreement with fp32" in result["problems"][0]
-    assert "int8 schemes tried: full, first-attention-fp32, attention-fp32" in result["problems"][0]  # auto: all
+    assert "the closest of the int8 schemes tried: full, first-attention-fp32, attention-fp32" in result["problems"][0]
     assert "below the 99% threshold" in captured.err
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["files"]["vision"]["int8"]["passed"] is False
@@ -116,6 +116,7 @@ def test_auto_int8_falls_back_to_fp32_attention_when_full_int8_disagrees(
     attempts = record["int8_attempts"]
     assert [a["scheme"] for a in attempts] == ["full", "first-attention-fp32"]  # stops at the first that passes
     assert attempts[0]["agreement_with_fp32"] < 0.95 <= attempts[1]["agreement_with_fp32"]
+    assert all(a["latency_ms_batch1_cpu"] > 0 and a["bytes"] > 0 for a in attempts)
     # The kept file is the fallback one, under the usual name; the rejected attempt is gone.
     assert sorted(p.name for p in out.glob("*.onnx")) == ["vision_model.onnx", "vision_model_int8.onnx"]
     assert not list(out.glob(".*"))
@@ -123,6 +124,25 @@ def test_auto_int8_falls_back_to_fp32_attention_when_full_int8_disagrees(
     assert meta["int8_scheme"] == "first-attention-fp32"
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["files"]["vision"]["int8"]["int8_scheme"] == "first-attention-fp32"
+
+
+def test_auto_int8_skips_a_scheme_that_does_not_apply(tmp_path, tiny_model_dir, adapter, monkeypatch, caplog):
+    real_make_precision = export.pipeline.make_precision
+
+    def full_int8_inapplicable(precision, src, dst, metadata=None, *, int8_scheme="full"):
+        if int8_scheme == "full":
+            raise ValueError("keep_fp32=('x',) matches no MatMul/Gemm node")
+        return real_make_precision(precision, src, dst, metadata, int8_scheme=int8_scheme)
+
+    monkeypatch.setattr(export.pipeline, "make_precision", full_int8_inapplicable)
+    caplog.set_level(logging.WARNING)
+    result = export_and_validate(
+        str(tiny_model_dir), adapter, tmp_path / "onnx", parts="vision", precisions="int8", latency_repeats=1
+    )
+    record = next(r for r in result["exports"] if r["precision"] == "int8")
+    assert record["int8_attempts"][0] == {"scheme": "full", "error": "keep_fp32=('x',) matches no MatMul/Gemm node"}
+    assert record["int8_scheme"] != "full"
+    assert "int8 scheme full does not apply" in caplog.text
 
 
 def test_an_explicit_int8_scheme_is_the_only_one_tried(tmp_path, tiny_model_dir, adapter, monkeypatch, capsys):

@@ -6,9 +6,11 @@ for us while we are away: the coordinator uses it so updates sent during a resta
 
 Flow control: messages wait in the broker, not in this process. A QoS 1 message is acknowledged only
 when the role takes it, and the network thread stops reading the socket while the inbox holds more than
-`max_inbox_bytes` (TCP then pushes back on the broker, which queues for us). Mosquitto's in-flight window
-alone does not do this: measured with 200 concurrent publishers and a consuming subscriber, it let 184
-unacknowledged 100 KB messages through (bench/coordinator_scale.py saw 422 of 500).
+`max_inbox_bytes` (TCP then pushes back on the broker, which queues for us), except while a publish of
+ours awaits its PUBACK and while (re)connecting. Mosquitto's in-flight window alone does not do this:
+measured with 200 concurrent publishers and a consuming subscriber, it let 184 unacknowledged 100 KB
+messages through (bench/coordinator_scale.py saw 422 of 500). The broker must then be allowed to queue
+enough per client (Mosquitto: max_queued_messages; see deploy/mosquitto/mosquitto.conf).
 """
 
 from __future__ import annotations
@@ -54,6 +56,11 @@ class _PausableClient(mqtt.Client):
     paho's loop calls loop_read() whenever select() reports the socket readable; returning without reading
     leaves the bytes in the kernel's buffer, and once that fills, TCP stops the broker's sends. The wait
     keeps the loop from spinning on a socket that stays readable; `wake` cuts it short.
+
+    Two of paho's private fields are touched (pinned: paho-mqtt>=2,<3), for keepalive: paho declares the
+    broker dead when no PINGRESP is read within `keepalive` of a PINGREQ, but the PINGRESP sits behind
+    everything the broker already sent, so waiting for it would mean reading the whole backlog. Bytes
+    waiting unread prove the broker alive just as well, so while paused the ping is marked answered.
     """
 
     def __init__(self, *args, may_read: Callable[[], bool], wake: threading.Event, **kwargs):
@@ -62,13 +69,27 @@ class _PausableClient(mqtt.Client):
         self._wake = wake
 
     def loop_read(self, max_packets: int = 1) -> mqtt.MQTTErrorCode:
-        # A PINGREQ waiting for its PINGRESP (paho's _ping_t) must be answered by reading, or paho would
-        # drop the connection as dead after `keepalive` seconds of a full inbox.
-        if self._sock is not None and getattr(self, "_ping_t", 0) == 0 and not self._may_read():
-            self._wake.wait(PAUSED_WAKEUP_S)
-            self._wake.clear()
-            return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
-        return super().loop_read(max_packets)
+        # Only a connected session pauses: during a (re)connect the CONNACK must be read.
+        if self._sock is None or not self.is_connected() or self._may_read() or self._at_eof():
+            return super().loop_read(max_packets)
+        self._ping_t = 0
+        with self._msgtime_mutex:
+            self._last_bytes_received = time.monotonic()  # paho's clock (time_func) is time.monotonic
+        self._wake.wait(PAUSED_WAKEUP_S)
+        self._wake.clear()
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _at_eof(self) -> bool:
+        """A readable plain socket with nothing to read is a closed connection: let paho read it and
+        reconnect. (TLS sockets cannot peek; there a dropped broker is noticed once reading resumes.)"""
+        if isinstance(self._sock, ssl.SSLSocket) or not isinstance(self._sock, socket.socket):
+            return False
+        try:
+            return self._sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False
+        except OSError:
+            return True  # reset or similar: paho's own read reports it
 
 
 class MqttTransport(Transport):
@@ -228,6 +249,7 @@ class MqttTransport(Transport):
                     f"broker {self.url} unreachable for {timeout:.0f}s; could not publish on {message.topic}"
                 )
             info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
+            self._wake_reader.set()  # a paused network thread writes it now, not after its wait
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise TransportError(f"publish to {message.topic} failed: {mqtt.error_string(info.rc)}")
             if message.qos == 0 or self._wait_for_ack(info, deadline, message.topic, timeout):
@@ -270,7 +292,8 @@ class MqttTransport(Transport):
 
     @property
     def inbox_bytes(self) -> int:
-        """Payload bytes received but not yet taken by receive() (bounded by max_inbox_bytes plus one read)."""
+        """Payload bytes received but not yet taken by receive(). Bounded by max_inbox_bytes plus one read,
+        except while a publish of ours awaits its PUBACK: reading then goes on until that arrives."""
         with self._lock:
             return self._inbox_bytes
 

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from flora.transport.base import RECONNECTED, Message
+from flora.transport.brokers import mosquitto_broker
 from flora.transport.mqtt import MqttTransport
 
 pytestmark = pytest.mark.integration
@@ -45,6 +46,15 @@ def _burst(url: str, count: int = PUBLISHERS) -> list[MqttTransport]:
     for thread in threads:
         thread.join(timeout=30)
     return publishers
+
+
+def _within(seconds: float, condition) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def _drain(transport: MqttTransport, expected: int) -> list[Message]:
@@ -88,16 +98,39 @@ def test_publishing_while_the_inbox_is_full_does_not_deadlock(mosquitto):
             transport.close()
 
 
-def test_a_full_inbox_left_alone_keeps_the_connection(mosquitto):
-    # keepalive 1 s: paho pings every second and drops the link if a PINGRESP is not read within 1 s.
+def test_a_full_inbox_left_alone_keeps_the_connection_and_its_bound(mosquitto):
+    # keepalive 1 s: paho pings every second and drops the link if a PINGRESP is not read within 1 s;
+    # the PINGRESP is behind the paused messages, and reading up to it must not empty them into the inbox.
     subscriber = _subscriber(mosquitto.url, keepalive=1)
-    publishers = _burst(mosquitto.url, count=10)
+    publishers = _burst(mosquitto.url, count=20)
     try:
-        time.sleep(4.0)  # four keepalive periods while the inbox is full and nobody consumes
+        peak = 0
+        for _ in range(40):  # four keepalive periods while the inbox is full and nobody consumes
+            time.sleep(0.1)
+            peak = max(peak, subscriber.inbox_bytes)
+        assert peak <= BOUND + 2 * PAYLOAD, f"inbox reached {peak} bytes, bound {BOUND}"
         assert subscriber.connected
-        received = _drain(subscriber, 10)
+        received = _drain(subscriber, 20)
         assert RECONNECTED not in [m.topic for m in received], "the connection dropped while the inbox was full"
-        assert sorted(m.topic for m in received) == sorted(f"burst/{i}" for i in range(10))
+        assert sorted(m.topic for m in received) == sorted(f"burst/{i}" for i in range(20))
     finally:
         for transport in [subscriber, *publishers]:
             transport.close()
+
+
+def test_a_full_inbox_does_not_stop_a_reconnect():
+    with mosquitto_broker(persistence=True) as broker:
+        subscriber = _subscriber(broker.url, keepalive=2)
+        publishers = _burst(broker.url, count=10)
+        try:
+            time.sleep(0.5)
+            assert subscriber.inbox_bytes >= BOUND  # reading is paused
+            broker.restart()
+            # The role is busy elsewhere and takes nothing from the inbox. The drop must be noticed all the
+            # same (a paused plain socket is peeked for end-of-file), and the CONNACK read.
+            assert _within(10, lambda: not subscriber.connected), "the broker's restart went unnoticed"
+            assert _within(15, lambda: subscriber.connected), "reconnect stalled behind the paused inbox"
+            subscriber.publish(Message("elsewhere/result", b"r", qos=1), timeout=10)
+        finally:
+            for transport in [subscriber, *publishers]:
+                transport.close()
