@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from flora.files import atomic_write_json
+from flora.files import atomic_path, atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
 
 KEEP_ROUNDS = 2
@@ -59,9 +59,8 @@ class CheckpointStore:
         relative = Path("rounds") / f"{round_:06d}"
         adapter_dir = save_adapter_dir(peft_model, self.directory / relative, base_model=base_model)
         if strategy_state:
-            tmp = adapter_dir / f".{STRATEGY_FILE}.partial"
-            save_file({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, str(tmp))
-            tmp.replace(adapter_dir / STRATEGY_FILE)
+            with atomic_path(adapter_dir / STRATEGY_FILE) as tmp:
+                save_file({k: np.ascontiguousarray(v) for k, v in strategy_state.items()}, str(tmp))
         atomic_write_json(self.state_path, {**state, "round": round_, "adapter_dir": str(relative)})
         self._prune(keep=relative.name)
         return adapter_dir

@@ -24,6 +24,7 @@ from export.parts import WHOLE_MODEL, OnnxPart
 from export.providers import make_session
 from flora import __version__
 from flora.errors import FloraError
+from flora.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -120,9 +121,7 @@ def export_part(
     import torch
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
+    with atomic_path(path) as tmp:
         # The tracer warns about Python-side shape checks in transformers' CLIP; validation on other
         # batch sizes and sequence lengths is what proves the graph generalises, so they are noise.
         with torch.no_grad(), warnings.catch_warnings():
@@ -141,9 +140,6 @@ def export_part(
         stamp(proto, {"flora_version": __version__, **(metadata or {}), "part": part.name, "precision": "fp32"})
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

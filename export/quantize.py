@@ -33,6 +33,7 @@ from pathlib import Path
 from export.metadata import stamp
 from export.parts import check_precision
 from flora.errors import ConfigError
+from flora.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,11 @@ def quantize_int8(
     ]
     if keep_fp32 and not excluded:
         raise ValueError(f"keep_fp32={keep_fp32!r} matches no MatMul/Gemm node of {src}")
-    tmp = dst.with_name(f".{dst.name}.partial")
-    try:
+    info = "dynamic int8: MatMul/Gemm weights QInt8 per channel, activations per batch"
+    if excluded:
+        info += f"; {len(excluded)} MatMul/Gemm kept fp32 ({', '.join(keep_fp32)})"
+    scheme = next((name for name, keep in INT8_SCHEMES.items() if keep == keep_fp32), "custom")
+    with atomic_path(dst) as tmp:
         with warnings.catch_warnings(), _quiet_root_logger():
             warnings.simplefilter("ignore")
             quantize_dynamic(
@@ -92,14 +96,7 @@ def quantize_int8(
                 per_channel=True,
                 nodes_to_exclude=excluded,
             )
-        info = "dynamic int8: MatMul/Gemm weights QInt8 per channel, activations per batch"
-        scheme = next((name for name, keep in INT8_SCHEMES.items() if keep == keep_fp32), "custom")
-        if excluded:
-            info += f"; {len(excluded)} MatMul/Gemm kept fp32 ({', '.join(keep_fp32)})"
         _restamp(tmp, {**(metadata or {}), "precision": "int8", "int8_scheme": scheme, "quantization": info})
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 
@@ -108,16 +105,12 @@ def convert_fp16(src: str | Path, dst: str | Path, metadata: dict[str, str] | No
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.partial")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # it warns for every constant it clamps to fp16's range
-            proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
-        stamp(proto, {**(metadata or {}), "precision": "fp16"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns for every constant it clamps to fp16's range
+        proto = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True)
+    stamp(proto, {**(metadata or {}), "precision": "fp16"})
+    with atomic_path(dst) as tmp:
         onnx.save(proto, str(tmp))
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst
 
 

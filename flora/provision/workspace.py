@@ -91,15 +91,10 @@ def provision_coordinator(settings: ProvisionSettings, render: RenderConfig) -> 
         return Provisioned(node, home, config_file, "", created=False)
     password = secrets.token_urlsafe(24)
     values = {
-        "node_id": node,
-        "run_id": settings.run_id,
-        "broker_url": settings.broker_url,
-        "username": node,
-        "password": password,
+        **_account(settings, home, node, password),
         "signing_key": _installed(settings, home, home / "coordinator.key"),
         "device_keys_dir": _installed(settings, home, home / "device-keys"),
         "require_signatures": True,
-        **_tls(settings, home, node),
     }
     text = render(values)  # validates the settings before any secret is written
     key = generate_private_key()
@@ -123,14 +118,9 @@ def provision_device(settings: ProvisionSettings, node_id: str, render: RenderCo
         raise ConfigError(f"{coordinator_pub} is missing: provision the coordinator first")
     password = secrets.token_urlsafe(24)
     values = {
-        "node_id": node,
-        "run_id": settings.run_id,
-        "broker_url": settings.broker_url,
-        "username": node,
-        "password": password,
+        **_account(settings, home, node, password),
         "signing_key": _installed(settings, home, home / "signing.key"),
         "coordinator_public_key": _installed(settings, home, home / "coordinator.pub"),
-        **_tls(settings, home, node),
     }
     text = render(values)  # validates the settings before any secret is written
     key = generate_private_key()
@@ -163,6 +153,18 @@ def _check(value: str, what: str) -> str:
         return check_id(value, what)
     except ProtocolError as exc:
         raise ConfigError(exc.detail) from None
+
+
+def _account(settings: ProvisionSettings, home: Path, node: str, password: str) -> dict[str, str]:
+    """The settings every node's config has: identity, run, broker, its account (username = node id), TLS."""
+    return {
+        "node_id": node,
+        "run_id": settings.run_id,
+        "broker_url": settings.broker_url,
+        "username": node,
+        "password": password,
+        **_tls(settings, home, node),
+    }
 
 
 def _installed(settings: ProvisionSettings, home: Path, path: Path) -> str:
