@@ -45,6 +45,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+# The Mosquitto launcher is test tooling (tests/brokers.py), not part of the installed package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 TARGET_CLIENTS = 500
 TARGET_ORCHESTRATION_S = 5.0
 # Mosquitto's defaults queue at most 1000 QoS 1 messages per client; the coordinator may have N updates queued.
@@ -617,7 +620,7 @@ def _recv(conn, timeout: float, what: str):
 
 
 def bench_clients(n: int, args, model_dir: Path, workdir: Path, log) -> dict[str, Any]:
-    from flora.transport.brokers import mosquitto_broker
+    from tests.brokers import mosquitto_broker
 
     load_before = os.getloadavg()[0]
     ctx = mp.get_context("spawn")
@@ -825,7 +828,7 @@ def environment() -> dict[str, Any]:
     from importlib.metadata import version
 
     from flora import __version__
-    from flora.transport.brokers import mosquitto_binary
+    from tests.brokers import mosquitto_binary
 
     mosquitto = subprocess.run([mosquitto_binary(), "-h"], capture_output=True, text=True).stdout.splitlines()
     return {

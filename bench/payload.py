@@ -7,7 +7,7 @@
 For each wire encoding (float32, float16, bfloat16, int8-tensor, int8-channel) it runs the federation of
 `flora demo` with the demo's defaults (tiny CLIP written to disk, scikit-learn digits split by a
 Dirichlet(0.5) over 4 clients, 10 rounds, 2 local epochs, lr 3e-3, recipe both-towers; the demo's own
-configs, written by flora.demo and loaded back), in this process: the real coordinator and 4 real edge
+configs, written by flora.app.demo and loaded back), in this process: the real coordinator and 4 real edge
 agents in threads over the in-memory broker, through the chunking transport. Clients send their updates
 in the encoding under test with zstd; the coordinator sends the global adapter in float32, as in the demo.
 
@@ -108,7 +108,7 @@ def federate(encoding: str, work: Path, rounds: int, seed: int) -> dict[str, Any
     from coordinator.main import build_coordinator
     from edge_client.config import load_client_config
     from edge_client.main import build_agent
-    from flora.demo import DemoSettings, _stage_data, _write_configs
+    from flora.app.demo import DemoSettings, _stage_data, _write_configs
     from flora.modeling.tiny import write_tiny_clip
 
     settings = DemoSettings(out=work, rounds=rounds, seed=seed, run_id=f"payload-{encoding}")

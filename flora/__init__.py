@@ -1,9 +1,9 @@
 """FLoRA Edge: federated fine-tuning of CLIP with LoRA on edge devices, coordinated over MQTT.
 
 The `flora` package is the shared core that every role imports: the wire protocol, the
-transport, model loading and LoRA recipes, data and partitioners. It never imports a role
-(`edge_client`, `coordinator`, `export`), except from the composition roots `flora.cli`
-and `flora.demo`.
+transport, model loading and LoRA recipes, data and partitioners. The core never imports a role
+(`edge_client`, `coordinator`, `export`) nor the application layer `flora.app` (the CLI, demo,
+status and provisioning), which sits above the roles and composes them.
 """
 
 __version__ = "0.1.0"

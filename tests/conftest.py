@@ -45,7 +45,7 @@ def mosquitto():
     """A real Mosquitto 2 on a free loopback port with its own config file."""
     if shutil.which("mosquitto") is None and not os.path.exists("/usr/sbin/mosquitto"):
         pytest.fail("mosquitto is not installed: run .ci/run or `apt-get install mosquitto`")
-    from flora.transport.brokers import mosquitto_broker
+    from tests.brokers import mosquitto_broker
 
     with mosquitto_broker() as broker:
         yield broker

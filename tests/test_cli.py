@@ -13,7 +13,7 @@ SUBCOMMANDS = ["demo", "coordinator", "client", "export", "broker", "status"]
 
 def flora(*args, timeout=120, **kwargs):
     return subprocess.run(
-        [sys.executable, "-m", "flora", *args], capture_output=True, text=True, timeout=timeout, **kwargs
+        [sys.executable, "-m", "flora.app", *args], capture_output=True, text=True, timeout=timeout, **kwargs
     )
 
 
@@ -70,7 +70,7 @@ def test_demo_end_to_end_writes_every_output(tmp_path):
 
 def test_export_offers_every_int8_scheme():
     from export.quantize import INT8_MODES
-    from flora.cli import build_parser
+    from flora.app.cli import build_parser
 
     export = build_parser()._subparsers._group_actions[0].choices["export"]
     (scheme,) = [a for a in export._actions if a.dest == "int8_scheme"]

@@ -535,7 +535,7 @@ def test_client_unit_runs_the_agent_with_restart_state_logs_and_hardening(instal
 
 
 def test_client_unit_command_line_is_one_flora_accepts():
-    from flora.cli import build_parser
+    from flora.app.cli import build_parser
 
     args = build_parser().parse_args(shlex.split(one(parse_unit(CLIENT_UNIT)["Service"], "ExecStart"))[1:])
     assert args.command == "client" and args.config == "/etc/flora/client.toml"

@@ -17,7 +17,7 @@ from export.manifest import MANIFEST_FILE
 from export.onnx_export import ExportValidationError
 from export.pipeline import export_and_validate
 from export.providers import provider_chain
-from flora.cli import main
+from flora.app.cli import main
 from flora.data.datasets import load_image_folder
 from flora.errors import ConfigError
 from flora.modeling.adapter import attach_lora, get_adapter_state, save_adapter_dir, set_adapter_state

@@ -57,7 +57,7 @@ def no_torch(tmp_path_factory):
 def flora_without_torch(blocker: Path, *args: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(blocker), "HOME": str(blocker)}
     return subprocess.run(
-        [sys.executable, "-m", "flora", *args], capture_output=True, text=True, timeout=120, env=env, cwd=Path.cwd()
+        [sys.executable, "-m", "flora.app", *args], capture_output=True, text=True, timeout=120, env=env, cwd=Path.cwd()
     )
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from coordinator.config import load_coordinator_config
 from edge_client.config import load_client_config
-from flora.cli import main
+from flora.app.cli import main
+from flora.app.provision import acl_template, add_device_to_acl, password_hash, set_password
 from flora.protocol.signing import load_private_key, load_public_key, public_key_pem
-from flora.provision import acl_template, add_device_to_acl, password_hash, set_password
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from coordinator.config import CoordinatorConfig, load_coordinator_config
 from edge_client.config import ClientConfig, load_client_config
+from flora.app.provision import ProvisionSettings, provision_coordinator, provision_device, set_password
 from flora.config import from_mapping, to_toml
-from flora.provision import ProvisionSettings, provision_coordinator, provision_device, set_password
-from flora.transport.brokers import BrokerProcess, secured_mosquitto_broker
 from flora.transport.mqtt import MqttTransport
+from tests.brokers import BrokerProcess, secured_mosquitto_broker
 
 ROOT = Path(__file__).resolve().parents[2]
 MOSQUITTO_DIR = ROOT / "deploy" / "mosquitto"

@@ -18,9 +18,9 @@ import pytest
 from coordinator.main import build_coordinator
 from flora.protocol import Envelope, Topics, adapter_from_body, adapter_to_body, envelope_from_bytes, envelope_to_bytes
 from flora.transport import Message, TransportError
-from flora.transport.brokers import mosquitto_broker
 from flora.transport.chunked import ChunkingTransport
 from flora.transport.mqtt import MqttTransport
+from tests.brokers import mosquitto_broker
 from tests.integration.helpers import client_configs, coordinator_config, stage_clients, start_agents
 
 pytestmark = pytest.mark.integration

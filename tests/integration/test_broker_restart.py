@@ -9,8 +9,8 @@ import pytest
 
 from coordinator.main import build_coordinator
 from flora.protocol import Topics, envelope_from_bytes
-from flora.transport.brokers import mosquitto_broker
 from flora.transport.mqtt import MqttTransport
+from tests.brokers import mosquitto_broker
 from tests.integration.helpers import client_configs, coordinator_config, stage_clients, start_agents
 
 pytestmark = pytest.mark.integration

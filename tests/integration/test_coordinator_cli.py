@@ -33,7 +33,9 @@ def test_coordinator_command_runs_the_rounds_and_exports_when_finished(
     path.write_text(to_toml(config))
     with open(tmp_path / "coordinator.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flora", "coordinator", "--config", str(path)], stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "flora.app", "coordinator", "--config", str(path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     _agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs))
     try:

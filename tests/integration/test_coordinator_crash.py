@@ -31,7 +31,7 @@ def wait_for(predicate, timeout: float, what: str):
 def start_coordinator(config_path, log_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log_path, "ab") as log:  # the child keeps its own copy of the descriptor
-        argv = [sys.executable, "-m", "flora", "coordinator", "--config", str(config_path)]
+        argv = [sys.executable, "-m", "flora.app", "coordinator", "--config", str(config_path)]
         return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
 
 

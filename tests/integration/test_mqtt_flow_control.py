@@ -15,8 +15,8 @@ import time
 import pytest
 
 from flora.transport.base import RECONNECTED, Message
-from flora.transport.brokers import mosquitto_broker
 from flora.transport.mqtt import MqttTransport
+from tests.brokers import mosquitto_broker
 
 pytestmark = pytest.mark.integration
 

@@ -100,7 +100,7 @@ def test_round_completes_at_the_deadline_when_30_percent_of_clients_are_killed(
         with open(tmp_path / f"{victim.node_id}.log", "wb") as log:
             processes.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "flora", "client", "--config", str(path)],
+                    [sys.executable, "-m", "flora.app", "client", "--config", str(path)],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     env={**os.environ, "OMP_NUM_THREADS": "1"},

@@ -1,7 +1,7 @@
 """Provisioning a secured fleet: broker accounts, ACL entries, signing keys, client configs (`flora provision`)."""
 
-from flora.provision.broker import acl_template, add_device_to_acl, password_hash, set_password
-from flora.provision.workspace import (
+from flora.app.provision.broker import acl_template, add_device_to_acl, password_hash, set_password
+from flora.app.provision.workspace import (
     Provisioned,
     ProvisionSettings,
     check_device_id,

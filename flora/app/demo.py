@@ -29,7 +29,7 @@ from flora.files import atomic_write_json
 from flora.live import print_round_line, rounds_table
 from flora.protocol import Topics, envelope_from_bytes
 from flora.transport import connect_transport
-from flora.transport.brokers import embedded_broker
+from flora.transport.embedded import embedded_broker
 
 
 @dataclasses.dataclass
@@ -138,7 +138,7 @@ def _spawn(role: str, config: Path, log_path: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     with open(log_path, "wb") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
-            [sys.executable, "-m", "flora.cli", role, "--config", str(config)],
+            [sys.executable, "-m", "flora.app", role, "--config", str(config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,

@@ -29,11 +29,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flora.app.provision.broker import add_device_to_acl, set_password
 from flora.errors import ConfigError, ProtocolError
 from flora.files import atomic_write_bytes
 from flora.protocol.envelope import check_id
 from flora.protocol.signing import generate_private_key, write_private_key, write_public_key
-from flora.provision.broker import add_device_to_acl, set_password
 
 # Renders a role's settings (a flat mapping) as the TOML text of its config file, validating them.
 RenderConfig = Callable[[dict[str, Any]], str]

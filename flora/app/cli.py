@@ -33,7 +33,7 @@ def _quiet_libraries() -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flora.demo import DemoSettings, run_demo
+    from flora.app.demo import DemoSettings, run_demo
 
     settings = DemoSettings(
         out=Path(args.out),
@@ -148,7 +148,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_broker(args: argparse.Namespace) -> int:
-    from flora.transport.brokers import run_amqtt
+    from flora.transport.embedded import run_amqtt
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.allow_remote:
         raise FloraError(
@@ -160,7 +160,7 @@ def cmd_broker(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from flora.status import print_status
+    from flora.app.status import print_status
 
     return print_status(args.broker, run_id=args.run_id, wait=args.wait)
 
@@ -168,8 +168,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_provision(args: argparse.Namespace) -> int:
     from coordinator.config import CoordinatorConfig
     from edge_client.config import ClientConfig
+    from flora.app.provision import ProvisionSettings, check_device_id, provision_coordinator, provision_device
     from flora.config import from_mapping, to_toml
-    from flora.provision import ProvisionSettings, check_device_id, provision_coordinator, provision_device
 
     settings = ProvisionSettings(
         out=Path(args.out),

@@ -1,5 +1,0 @@
-import sys
-
-from flora.cli import main
-
-sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from flora.app.cli import main
+
+sys.exit(main())
