@@ -7,27 +7,20 @@ from pathlib import Path
 
 from coordinator.strategies import STRATEGIES, make_strategy
 from flora.config import field, load_config
-from flora.errors import ConfigError, ProtocolError
+from flora.errors import ConfigError
 from flora.modeling.recipes import get_recipe
 from flora.modeling.scoring import DEFAULT_TEMPLATE
-from flora.protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from flora.protocol.envelope import check_id
-from flora.protocol.wire_settings import wire_settings_problem
+from flora.settings import NodeSettings
 
 ENV_PREFIX = "FLORA_COORDINATOR_"
 
 
-@dataclasses.dataclass
-class CoordinatorConfig:
+@dataclasses.dataclass(kw_only=True)
+class CoordinatorConfig(NodeSettings):
+    """The coordinator's settings: NodeSettings (identity, broker, wire, logging) plus its own."""
+
     model: str = field(help="CLIP checkpoint: hub id or local directory (the clients' base model)")
-    run_id: str = field("default", help="run id; clients join by it")
     node_id: str = field("coordinator", help="this coordinator's MQTT client id")
-    broker_url: str = field("mqtt://127.0.0.1:1883", help="mqtt://host:port or mqtts://host:port")
-    username: str | None = field(None, help="broker username")
-    password: str | None = field(None, help="broker password")
-    ca_file: str | None = field(None, help="CA certificate for mqtts://")
-    cert_file: str | None = field(None, help="client certificate for mqtts:// (optional)")
-    key_file: str | None = field(None, help="client private key for mqtts:// (optional)")
     signing_key: Path | None = field(
         None, help="coordinator's Ed25519 private key (PEM, `flora provision`): signs what it publishes"
     )
@@ -63,22 +56,10 @@ class CoordinatorConfig:
     eval_data_dir: Path | None = field(None, help="held-out image folder for server-side evaluation")
     export_dir: Path | None = field(None, help="after the last round, merge and export validated ONNX here")
     device: str = field("cpu", help="device for evaluation: cpu, cuda, auto")
-    max_message_bytes: int | None = field(
-        DEFAULT_MAX_MESSAGE_BYTES, help="largest MQTT packet the broker takes; bigger messages go as chunks"
-    )
-    wire_encoding: str = field(
-        "float32", help="global adapter on the wire: float32 (lossless), float16, bfloat16, int8-tensor, int8-channel"
-    )
-    wire_compression: str = field("none", help="compression of the global adapter: none or zstd")
     seed: int = field(0, help="seeds client selection and the initial adapter")
-    log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
 
     def __post_init__(self):
-        try:
-            check_id(self.run_id, "run_id")
-            check_id(self.node_id, "node_id")
-        except ProtocolError as exc:
-            raise ConfigError(exc.detail) from None
+        super().__post_init__()
         get_recipe(self.recipe)
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(sorted(STRATEGIES))}, got {self.strategy!r}")
@@ -107,11 +88,6 @@ class CoordinatorConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        problem = wire_settings_problem(
-            max_message_bytes=self.max_message_bytes, encoding=self.wire_encoding, compression=self.wire_compression
-        )
-        if problem:
-            raise ConfigError(problem)
         if self.output_dir is None:
             self.output_dir = self.checkpoint_dir
         if self.require_signatures is None:

@@ -10,28 +10,20 @@ from edge_client.privacy import LocalDP
 from edge_client.trainer import AUTOCAST_MODES
 from flora.config import field, load_config
 from flora.data.formats import DATA_FORMAT_HELP, DATA_FORMATS
-from flora.errors import ConfigError, ProtocolError
+from flora.errors import ConfigError
 from flora.modeling.loading import COMPUTE_DTYPES, QUANTIZATIONS
 from flora.modeling.recipes import get_recipe
-from flora.protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from flora.protocol.envelope import check_id
-from flora.protocol.wire_settings import wire_settings_problem
+from flora.settings import NodeSettings
 
 ENV_PREFIX = "FLORA_CLIENT_"
 
 
-@dataclasses.dataclass
-class ClientConfig:
-    node_id: str = field(help="this device's id; also its MQTT client id and topic level")
+@dataclasses.dataclass(kw_only=True)
+class ClientConfig(NodeSettings):
+    """An edge device's settings: NodeSettings (identity, broker, wire, logging) plus its own."""
+
     model: str = field(help="CLIP checkpoint: hub id (openai/clip-vit-base-patch32) or local directory")
     data_dir: Path = field(help="local training data; never leaves the device")
-    run_id: str = field("default", help="federated run to join")
-    broker_url: str = field("mqtt://127.0.0.1:1883", help="mqtt://host:port or mqtts://host:port")
-    username: str | None = field(None, help="broker username")
-    password: str | None = field(None, help="broker password")
-    ca_file: str | None = field(None, help="CA certificate for mqtts://")
-    cert_file: str | None = field(None, help="client certificate for mqtts:// (optional)")
-    key_file: str | None = field(None, help="client private key for mqtts:// (optional)")
     signing_key: Path | None = field(
         None, help="this device's Ed25519 private key (PEM, `flora provision`): signs every message it sends"
     )
@@ -69,23 +61,11 @@ class ClientConfig:
         None, help="local DP: Gaussian noise std = dp_noise_multiplier x dp_clip_norm (needs dp_clip_norm)"
     )
     state_dir: Path = field(Path("flora-client-state"), help="where progress survives a reboot")
-    max_message_bytes: int | None = field(
-        DEFAULT_MAX_MESSAGE_BYTES, help="largest MQTT packet the broker takes; bigger messages go as chunks"
-    )
-    wire_encoding: str = field(
-        "float32", help="adapter update on the wire: float32, float16, bfloat16, int8-tensor, int8-channel"
-    )
-    wire_compression: str = field("none", help="compression of the adapter update: none or zstd")
     exit_when_finished: bool = field(False, help="exit when the coordinator ends the run (demo, tests)")
     seed: int = field(0, help="seed for local shuffling")
-    log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
 
     def __post_init__(self):
-        try:
-            check_id(self.node_id, "node_id")
-            check_id(self.run_id, "run_id")
-        except ProtocolError as exc:
-            raise ConfigError(exc.detail) from None
+        super().__post_init__()
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
         if self.compute_dtype not in COMPUTE_DTYPES:
@@ -104,11 +84,6 @@ class ClientConfig:
         if self.autocast not in AUTOCAST_MODES:
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
         LocalDP.from_settings(self.dp_clip_norm, self.dp_noise_multiplier)
-        problem = wire_settings_problem(
-            max_message_bytes=self.max_message_bytes, encoding=self.wire_encoding, compression=self.wire_compression
-        )
-        if problem:
-            raise ConfigError(problem)
         if self.lora_rank is not None and not 1 <= self.lora_rank <= get_recipe(self.recipe).rank:
             top = get_recipe(self.recipe).rank
             raise ConfigError(f"lora_rank must be between 1 and the recipe's rank {top}, got {self.lora_rank}")

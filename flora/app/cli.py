@@ -11,10 +11,19 @@ from flora import __version__
 from flora.errors import FloraError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_log_handler: logging.Handler | None = None  # installed once; later calls only change the level
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=LOG_FORMAT, stream=sys.stderr)
+def _setup_logging(level: int | str) -> None:
+    """Log to stderr at `level`. Called again once a config is read: its log_level then takes effect
+    (logging.basicConfig alone would ignore the second call, leaving the first level in force)."""
+    global _log_handler
+    root = logging.getLogger()
+    if _log_handler is None:
+        _log_handler = logging.StreamHandler(sys.stderr)
+        _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        root.addHandler(_log_handler)
+    root.setLevel(level if isinstance(level, int) else level.upper())
     for noisy in ("transformers", "peft", "amqtt", "bitsandbytes", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -59,7 +68,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
         print(describe(CoordinatorConfig))
         return 0
     config = load_coordinator_config(args.config, broker_url=args.broker, run_id=args.run_id)
-    _setup_logging(config.log_level)
+    _setup_logging(config.logging_level)
     from coordinator.main import run_coordinator
 
     report = run_coordinator(config)
@@ -88,7 +97,7 @@ def cmd_client(args: argparse.Namespace) -> int:
         print(describe(ClientConfig))
         return 0
     config = load_client_config(args.config, broker_url=args.broker, node_id=args.node_id)
-    _setup_logging(config.log_level)
+    _setup_logging(config.logging_level)
     from edge_client.main import run_client
 
     run_client(config)

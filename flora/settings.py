@@ -1,0 +1,60 @@
+"""What every node on the broker is configured with: its identity, how it connects, what it sends, how it logs.
+
+`NodeSettings` is the one place these settings are declared, validated and documented; the
+coordinator's and the edge client's configs extend it with their own fields (keyword-only
+dataclasses, so a role may give `node_id` a default without reordering anything). The TOML files
+stay flat: a role's file holds these keys beside its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from flora.config import field
+from flora.errors import ConfigError, ProtocolError
+from flora.protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
+from flora.protocol.envelope import check_id
+from flora.protocol.wire_settings import wire_settings_problem
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+@dataclasses.dataclass(kw_only=True)
+class NodeSettings:
+    node_id: str = field(help="this node's id; also its MQTT client id and topic level")
+    run_id: str = field("default", help="federated run id; the coordinator and its clients share it")
+    broker_url: str = field("mqtt://127.0.0.1:1883", help="mqtt://host:port or mqtts://host:port")
+    username: str | None = field(None, help="broker username")
+    password: str | None = field(None, help="broker password")
+    ca_file: str | None = field(None, help="CA certificate for mqtts://")
+    cert_file: str | None = field(None, help="client certificate for mqtts:// (optional)")
+    key_file: str | None = field(None, help="client private key for mqtts:// (optional)")
+    max_message_bytes: int | None = field(
+        DEFAULT_MAX_MESSAGE_BYTES, help="largest MQTT packet the broker takes; bigger messages go as chunks"
+    )
+    wire_encoding: str = field(
+        "float32",
+        help="adapters this node sends: float32 (lossless), float16, bfloat16, int8-tensor, int8-channel",
+    )
+    wire_compression: str = field("none", help="compression of the adapters this node sends: none or zstd")
+    log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+    def __post_init__(self):
+        try:
+            check_id(self.node_id, "node_id")
+            check_id(self.run_id, "run_id")
+        except ProtocolError as exc:
+            raise ConfigError(exc.detail) from None
+        problem = wire_settings_problem(
+            max_message_bytes=self.max_message_bytes, encoding=self.wire_encoding, compression=self.wire_compression
+        )
+        if problem:
+            raise ConfigError(problem)
+        self.log_level = self.log_level.upper()
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+
+    @property
+    def logging_level(self) -> int:
+        return getattr(logging, self.log_level)
