@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from flora.errors import StateError
 from flora.files import atomic_path, atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
 
@@ -34,14 +35,22 @@ class CheckpointStore:
         """The last complete checkpoint's state (with an absolute adapter_dir), or None if fresh."""
         if not self.state_path.is_file():
             return None
+        fix = "restore it from a backup, or move the checkpoint directory away to start the run afresh"
         try:
             state = json.loads(self.state_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise RuntimeError(
-                f"{self.state_path} is corrupt ({exc}); it is written atomically, so the disk or a manual "
-                "edit damaged it. Restore it or move the checkpoint directory away to start afresh."
-            ) from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # It is written atomically, so only the disk or a manual edit can have damaged it.
+            raise StateError(f"checkpoint {self.state_path} is corrupt ({exc}); {fix}") from None
+        if not (
+            isinstance(state, dict)
+            and isinstance(state.get("round"), int)
+            and isinstance(state.get("adapter_dir"), str)
+            and isinstance(state.get("history", []), list)
+        ):
+            raise StateError(f"checkpoint {self.state_path} lacks its round or adapter_dir; {fix}")
         state["adapter_dir"] = str(self.directory / state["adapter_dir"])
+        if not (Path(state["adapter_dir"]) / "adapter_model.safetensors").is_file():
+            raise StateError(f"checkpoint {self.state_path} names {state['adapter_dir']}, which is missing; {fix}")
         return state
 
     def save(

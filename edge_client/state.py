@@ -11,6 +11,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from flora.errors import StateError
 from flora.files import atomic_write_bytes
 
 
@@ -33,10 +34,20 @@ class StateStore:
         try:
             raw = json.loads(self.state_path.read_text())
             state = ClientState(**raw)
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise RuntimeError(
-                f"client state {self.state_path} is corrupt ({exc}); delete it to start afresh"
-            ) from None
+            valid = (
+                isinstance(state.run_id, str)
+                and isinstance(state.last_round_trained, int)
+                and (state.pending_round is None or isinstance(state.pending_round, int))
+            )
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as exc:
+            problem = str(exc)
+        else:
+            problem = None if valid else "a field has the wrong type"
+        if problem is not None:
+            raise StateError(
+                f"client state {self.state_path} is corrupt ({problem}); delete it (and pending_update.bin beside it) "
+                "to start afresh: the device then trains again from the next instruction"
+            )
         if state.run_id != run_id:  # a new run: old progress does not apply
             return ClientState(run_id=run_id)
         return state

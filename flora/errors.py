@@ -17,6 +17,11 @@ class DataError(FloraError):
     """Local data is missing, empty or unreadable. The message says where and what to fix."""
 
 
+class StateError(FloraError):
+    """State saved on disk (a checkpoint, a client's progress) is unreadable. The message names the file and
+    the fix; the CLI prints it as one line and exits 2, and nothing on disk is changed."""
+
+
 class RejectReason(str, enum.Enum):
     """Why a message or an update was dropped. Counted per reason in the coordinator's metrics."""
 
