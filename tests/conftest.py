@@ -1,4 +1,9 @@
-"""Shared fixtures: the tiny CLIP checkpoint, digits subsets on disk, and a real Mosquitto broker."""
+"""Shared fixtures (the tiny CLIP checkpoint, digits subsets on disk, a real Mosquitto broker) and test selection.
+
+Selection: `pytest -q` runs the fast tests; `pytest -q --all` (what CI and the README run) adds the
+integration tests (everything under tests/integration/, marked automatically) and the slow ones
+(@pytest.mark.slow). An explicit `-m EXPR` is used as given.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,28 @@ import os
 import shutil
 
 import pytest
+
+EXTENDED_MARKERS = ("integration", "slow")  # left out of the default run
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--all", action="store_true", help="also run the integration and slow tests (CI and the README run this)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "integration" in item.path.parts:
+            item.add_marker(pytest.mark.integration)
+    if config.getoption("--all") or config.getoption("markexpr"):
+        return
+    keep, skipped = [], []
+    for item in items:
+        (skipped if any(item.get_closest_marker(m) for m in EXTENDED_MARKERS) else keep).append(item)
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = keep
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TQDM_DISABLE", "1")
