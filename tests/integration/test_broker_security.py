@@ -13,6 +13,7 @@ import time
 import pytest
 
 from flora.transport import Message, TransportError
+from flora.transport.base import RECONNECTED
 from tests.integration.secure_fleet import MAKE_CERTS, make_certs, provision_fleet
 
 pytestmark = pytest.mark.integration
@@ -161,10 +162,17 @@ def test_a_device_cannot_read_another_devices_updates(connect):
 
 def test_a_device_cannot_take_over_another_devices_session(connect):
     device_b = connect("device-b")
-    connect("device-a", client_id="device-b")  # use_username_as_clientid: it is still "device-a"
-    time.sleep(0.5)
-    assert device_b.connected
+    device_a = connect("device-a", client_id="device-b")  # use_username_as_clientid: it is still "device-a"
+    # Once device-a's publish is acknowledged the broker has handled its CONNECT, and a takeover would
+    # already have closed device-b's connection; device-b's own acknowledged publish then shows whether it had to
+    # reconnect (RECONNECTED in its inbox) or kept its session.
+    device_a.publish(Message(topic("status", "device-a"), b"here"), timeout=5)
     device_b.publish(Message(topic("status", "device-b"), b"still here"), timeout=5)
+    assert device_b.connected
+    inbox = []
+    while (message := device_b.receive(timeout=0)) is not None:  # what is already there, without waiting
+        inbox.append(message.topic)
+    assert RECONNECTED not in inbox
 
 
 def test_make_certs_keeps_its_ca_and_adds_clients(fleet, tmp_path):

@@ -71,8 +71,10 @@ def test_a_burst_waits_in_the_broker_and_nothing_is_lost(mosquitto):
     subscriber = _subscriber(mosquitto.url)
     publishers = _burst(mosquitto.url)
     try:
-        time.sleep(1.0)  # every publisher has its PUBACK: all 40 messages are in the broker's hands
-        # Without the bound the broker's in-flight window alone (Mosquitto: 20) would be here, 2 MB.
+        # Every publisher has its PUBACK (_burst joined them): all 40 messages are in the broker's hands.
+        # Wait until reading pauses; without the bound the broker's in-flight window alone (Mosquitto: 20) would be
+        # here, 2 MB.
+        assert _within(10, lambda: subscriber.inbox_bytes >= BOUND), "the inbox never filled up to the bound"
         held = subscriber.inbox_bytes
         assert held <= BOUND + 2 * PAYLOAD, f"inbox holds {held} bytes, bound {BOUND}"
         received = _drain(subscriber, PUBLISHERS)
@@ -88,8 +90,7 @@ def test_publishing_while_the_inbox_is_full_does_not_deadlock(mosquitto):
     subscriber = _subscriber(mosquitto.url)
     publishers = _burst(mosquitto.url, count=10)
     try:
-        time.sleep(0.5)
-        assert subscriber.inbox_bytes >= BOUND  # reading is paused now
+        assert _within(10, lambda: subscriber.inbox_bytes >= BOUND)  # reading is paused now
         # Our PUBACK is behind the paused messages; publish() must still see it, within its timeout.
         subscriber.publish(Message("elsewhere/result", b"x" * 1000, qos=1), timeout=10)
         assert len(_drain(subscriber, 10)) == 10
@@ -123,8 +124,7 @@ def test_a_full_inbox_does_not_stop_a_reconnect():
         subscriber = _subscriber(broker.url, keepalive=2)
         publishers = _burst(broker.url, count=10)
         try:
-            time.sleep(0.5)
-            assert subscriber.inbox_bytes >= BOUND  # reading is paused
+            assert _within(10, lambda: subscriber.inbox_bytes >= BOUND)  # reading is paused
             broker.restart()
             # The role is busy elsewhere and takes nothing from the inbox. The drop must be noticed all the
             # same (a paused plain socket is peeked for end-of-file), and the CONNACK read.
