@@ -24,10 +24,9 @@ from coordinator.live_view import RoundView
 from coordinator.plots import plot_metrics
 from coordinator.registry import Registry, Requirements
 from coordinator.signatures import Authenticator
-from coordinator.strategies import Strategy, Tensors
-from coordinator.strategies.lora import AggregationErrorMeter
 from coordinator.validation import validate_update
 from flora import __version__
+from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
 from flora.files import atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
