@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
 from coordinator.config import CoordinatorConfig
+from coordinator.registry import Registry, checked_selection
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.algorithms import (
+    Candidate,
     CentralDP,
     ClientHook,
     FedAvg,
     FedProx,
     FreezeLoraA,
     ProximalTerm,
+    Strategy,
     client_hooks_from_instruction,
     make_strategy,
     register_client_hook,
@@ -209,3 +214,33 @@ def test_central_dp_installs_its_noise_through_the_mean_transform():
 
     inner.accumulate(ClientUpdate("c", 1, {"w": np.array([1.0, 3.0])}, 1))
     np.testing.assert_allclose(inner.aggregate()["w"], [2.0, 4.0])  # zero noise, then + 1 update
+
+
+def registry_with_sizes(sizes: dict[str, int]) -> Registry:
+    registry = Registry()
+    for node, size in sizes.items():
+        registry.update(node, {"state": "online", "recipe": "paper", "capabilities": {"dataset_size": size}})
+    registry.update("offline-giant", {"state": "offline", "capabilities": {"dataset_size": 10**6}})
+    return registry
+
+
+def test_a_strategy_selects_among_the_eligible_candidates():
+    registry = registry_with_sizes({"a": 10, "b": 500, "c": 40, "d": 300})
+    candidates = registry.candidates("paper")
+    assert [c.node for c in candidates] == ["a", "b", "c", "d"]  # the offline node is not a candidate
+    assert candidates[1] == Candidate("b", {"dataset_size": 500})
+    default = registry.sample(candidates, fraction=0.5, minimum=1, seed=3)
+    assert default == registry.select(fraction=0.5, minimum=1, seed=3, recipe="paper")
+    assert Strategy.select(FedAvg(), candidates, round_=1, rng_seed=3, default=default) == default
+    chosen = MostExamples(count=2).select(candidates, round_=1, rng_seed=3, default=default)
+    assert checked_selection(chosen, candidates, "mine") == ["b", "d"]
+    with pytest.raises(ValueError, match=r"selected \['offline-giant'\], which are not eligible"):
+        checked_selection(["offline-giant"], candidates, "mine")
+    with pytest.raises(TypeError, match="list of node ids"):
+        checked_selection("b", candidates, "mine")
+
+
+def test_wrappers_keep_the_inner_strategy_selection():
+    candidates = [Candidate("a", {"dataset_size": 1}), Candidate("b", {"dataset_size": 9})]
+    wrapped = CentralDP(MostExamples(), clip_norm=1.0, noise_multiplier=math.pi)
+    assert wrapped.select(candidates, round_=1, rng_seed=0, default=["a"]) == ["b"]
