@@ -392,7 +392,7 @@ class Coordinator:
             "toolkit_version": __version__,
             "model": self.config.model,
             "recipe": self.config.recipe,
-            "strategy": self.config.strategy,
+            "strategy": self.strategy.describe(),  # what ran: name, params, wrappers, client hooks, class
             "rounds_planned": self.config.rounds,
             "initial": self.initial,
             "initial_accuracy": (self.initial or {}).get("accuracy"),
