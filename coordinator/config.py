@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from coordinator.strategies import STRATEGIES, make_strategy
+from flora.algorithms import make_strategy, strategy_class, strategy_names
 from flora.config import field, load_config
 from flora.errors import ConfigError
 from flora.modeling.recipes import get_recipe
@@ -41,7 +41,10 @@ class CoordinatorConfig(NodeSettings):
     round_deadline_s: float = field(300.0, help="seconds a round waits for updates")
     wait_for_clients_s: float = field(600.0, help="seconds to wait for min_available_clients")
     max_round_attempts: int = field(3, help="retries (fresh selection) of a round below quorum")
-    strategy: str = field("fedavg", help="aggregation strategy: " + ", ".join(sorted(STRATEGIES)))
+    strategy: str = field(
+        "fedavg",
+        help="aggregation strategy: " + ", ".join(strategy_names()) + ", or a name from register_strategy / a plugin",
+    )
     strategy_params: dict = field(
         factory=dict, help="strategy parameters, e.g. {mu = 0.01}; clip_norm adds clipping, noise_multiplier central DP"
     )
@@ -61,8 +64,11 @@ class CoordinatorConfig(NodeSettings):
     def __post_init__(self):
         super().__post_init__()
         get_recipe(self.recipe)
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(sorted(STRATEGIES))}, got {self.strategy!r}")
+        # Against the live registry: a strategy registered (or installed as a plugin) after import counts.
+        try:
+            strategy_class(self.strategy)  # loads an installed plugin's entry point on first use
+        except ValueError as exc:
+            raise ConfigError(f"strategy: {exc}") from None
         try:
             make_strategy(self.strategy, self.strategy_params)
         except ValueError as exc:

@@ -7,7 +7,7 @@ from typing import Any
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.server import Coordinator
-from coordinator.strategies import make_strategy
+from flora.algorithms import make_strategy
 from flora.data.datasets import load_image_folder
 from flora.modeling.loading import load_clip
 from flora.modeling.recipes import get_recipe

@@ -50,10 +50,12 @@ def plot_metrics(report: dict[str, Any], path: Path) -> Path:
 
     ax_text.axis("off")
     rejections = report.get("rejections") or {}
+    strategy = report.get("strategy") or {}  # Strategy.describe(); a bare name in reports before it
+    strategy_name = strategy.get("name", "") if isinstance(strategy, dict) else strategy
     lines = [
         f"run: {report.get('run_id', '')}",
         f"model: {Path(str(report.get('model', ''))).name}",
-        f"recipe: {report.get('recipe', '')}   strategy: {report.get('strategy', '')}",
+        f"recipe: {report.get('recipe', '')}   strategy: {strategy_name}",
         f"rounds: {len(rounds)} of {report.get('rounds_planned', '?')}",
         "rejected updates: " + (", ".join(f"{k} {v}" for k, v in sorted(rejections.items())) or "none"),
     ]

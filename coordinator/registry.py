@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from flora.algorithms import Candidate
+
 
 @dataclass(frozen=True)
 class Requirements:
@@ -59,6 +61,18 @@ class Registry:
             and (requirements is None or requirements.met_by(n.capabilities))
         )
 
+    def candidates(self, recipe: str | None = None, requirements: Requirements | None = None) -> list[Candidate]:
+        """The eligible nodes with their announced capabilities: what a strategy selects among."""
+        return [Candidate(node, self.nodes[node].capabilities) for node in self.online(recipe, requirements)]
+
+    @staticmethod
+    def sample(candidates: list[Candidate], *, fraction: float, minimum: int, seed: int) -> list[str]:
+        """The seeded default selection: max(minimum, fraction x eligible) of them, at most all."""
+        names = [c.node for c in candidates]
+        count = min(len(names), max(minimum, round(fraction * len(names))))
+        rng = np.random.default_rng(seed)
+        return sorted(rng.choice(names, size=count, replace=False).tolist()) if count else []
+
     def select(
         self,
         *,
@@ -68,10 +82,21 @@ class Registry:
         recipe: str | None = None,
         requirements: Requirements | None = None,
     ) -> list[str]:
-        candidates = self.online(recipe, requirements)
-        count = min(len(candidates), max(minimum, round(fraction * len(candidates))))
-        rng = np.random.default_rng(seed)
-        return sorted(rng.choice(candidates, size=count, replace=False).tolist()) if count else []
+        return self.sample(self.candidates(recipe, requirements), fraction=fraction, minimum=minimum, seed=seed)
 
     def snapshot(self) -> dict[str, Any]:
         return {name: asdict(info) for name, info in self.nodes.items()}
+
+
+def checked_selection(chosen: Any, candidates: list[Candidate], strategy: str) -> list[str]:
+    """A strategy's selection, sorted and de-duplicated; a node that is not eligible is a bug in the strategy."""
+    eligible = {c.node for c in candidates}
+    if isinstance(chosen, str) or not all(isinstance(n, str) for n in chosen):
+        raise TypeError(f"strategy {strategy!r}: select() must return a list of node ids, got {chosen!r:.100}")
+    stray = sorted(set(chosen) - eligible)
+    if stray:
+        raise ValueError(
+            f"strategy {strategy!r} selected {stray}, which are not eligible this round; "
+            "select() must return a subset of its candidates"
+        )
+    return sorted(set(chosen))

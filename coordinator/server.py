@@ -22,12 +22,11 @@ from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.live_view import RoundView
 from coordinator.plots import plot_metrics
-from coordinator.registry import Registry, Requirements
+from coordinator.registry import Registry, Requirements, checked_selection
 from coordinator.signatures import Authenticator
-from coordinator.strategies import Strategy, Tensors
-from coordinator.strategies.lora import AggregationErrorMeter
 from coordinator.validation import validate_update
 from flora import __version__
+from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
 from flora.files import atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
@@ -141,13 +140,16 @@ class Coordinator:
                 log.info("resuming round %d with its original selection %s", round_, selected)
             else:
                 self._wait_for_clients()
-                selected = self.registry.select(
+                seed = self.config.seed * 100_003 + round_ * 101 + attempt
+                candidates = self.registry.candidates(self.config.recipe, self.requirements)
+                default = self.registry.sample(
+                    candidates,
                     fraction=self.config.clients_per_round_fraction,
                     minimum=self.config.min_clients_per_round,
-                    seed=self.config.seed * 100_003 + round_ * 101 + attempt,
-                    recipe=self.config.recipe,
-                    requirements=self.requirements,
+                    seed=seed,
                 )
+                chosen = self.strategy.select(candidates, round_=round_, rng_seed=seed, default=default)
+                selected = checked_selection(chosen, candidates, self.strategy.name)
                 self.checkpoints.save_inflight(round_, selected)
             bytes_down = self._publish_instruction(round_, selected)
             self.view.open_round(round_, len(selected), self.config.round_deadline_s)
@@ -390,7 +392,7 @@ class Coordinator:
             "toolkit_version": __version__,
             "model": self.config.model,
             "recipe": self.config.recipe,
-            "strategy": self.config.strategy,
+            "strategy": self.strategy.describe(),  # what ran: name, params, wrappers, client hooks, class
             "rounds_planned": self.config.rounds,
             "initial": self.initial,
             "initial_accuracy": (self.initial or {}).get("accuracy"),

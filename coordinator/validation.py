@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from coordinator.strategies import ClientUpdate, Tensors
+from flora.algorithms import ClientUpdate, Tensors
 from flora.errors import ProtocolError, RejectReason
 from flora.modeling.adapter import check_adapter_tensors, lower_rank_of
 from flora.modeling.lora_factors import fit_to_rank

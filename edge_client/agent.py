@@ -19,6 +19,7 @@ from edge_client.capabilities import detect_capabilities
 from edge_client.config import ClientConfig
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
+from flora.algorithms import LocalDP
 from flora.errors import ProtocolError, RejectReason
 from flora.modeling.lora_factors import fit_to_rank
 from flora.protocol import (
@@ -48,6 +49,9 @@ class EdgeAgent:
         # End-to-end integrity (optional): sign what we send; act only on what the coordinator signed.
         self.signer = Signer.from_file(config.signing_key) if config.signing_key else None
         self.coordinator_key = load_public_key(config.coordinator_public_key) if config.coordinator_public_key else None
+        # The device's own client hooks, run after the instruction's: local DP is set here, not by the coordinator.
+        local_dp = LocalDP.from_settings(config.dp_clip_norm, config.dp_noise_multiplier)
+        self.local_hooks = (local_dp,) if local_dp is not None else ()
 
     # -- messages we send ---------------------------------------------------------------
     def _status(self, state: str) -> Message:
@@ -163,7 +167,7 @@ class EdgeAgent:
             return
         log.info("round %d: training on %d examples", round_, self.trainer.num_examples)
         try:
-            tensors, metrics = self.trainer.train_round(global_adapter, settings, round_)
+            tensors, metrics = self.trainer.train_round(global_adapter, settings, round_, hooks=self.local_hooks)
         except (ProtocolError, FloatingPointError) as exc:
             log.error("round %d: local training failed: %s", round_, exc)
             return

@@ -6,8 +6,8 @@ import dataclasses
 from pathlib import Path
 
 from edge_client.memory_budget import CHECKPOINTING_MODES
-from edge_client.privacy import LocalDP
 from edge_client.trainer import AUTOCAST_MODES
+from flora.algorithms import LocalDP
 from flora.config import field, load_config
 from flora.data.formats import DATA_FORMAT_HELP, DATA_FORMATS
 from flora.errors import ConfigError

@@ -39,8 +39,6 @@ def build_agent(config: ClientConfig, *, progress: bool = True) -> EdgeAgent:
         memory_budget_mb=config.memory_budget_mb,
         gradient_checkpointing=config.gradient_checkpointing,
         autocast=config.autocast,
-        dp_clip_norm=config.dp_clip_norm,
-        dp_noise_multiplier=config.dp_noise_multiplier,
     )
     transport = transport_for(config)
     return EdgeAgent(config, transport, trainer)

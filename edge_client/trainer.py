@@ -34,7 +34,7 @@ import numpy as np
 
 from edge_client.cache import EmbeddingStore, images_fingerprint, model_fingerprint
 from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches
-from edge_client.privacy import LocalDP
+from flora.algorithms import ClientHook, client_hooks_from_instruction
 from flora.data.datasets import LabeledImages, pixel_values
 from flora.errors import ConfigError
 from flora.modeling import scoring
@@ -60,21 +60,24 @@ class TrainSettings:
     eps: float = 1e-6
     batch_size: int = 128
     prompt_template: str = scoring.DEFAULT_TEMPLATE
-    proximal_mu: float = 0.0  # FedProx: (mu/2)||w - w_global||^2 keeps local training near the global adapter
-    freeze_lora_a: bool = False  # FFA-LoRA: A stays at the shared initialisation; only B trains and travels
+    client_hooks: tuple[ClientHook, ...] = ()  # the strategy's client halves (FedProx, FFA-LoRA, ...), in order
 
     @classmethod
     def from_instruction(cls, data: dict[str, Any]) -> TrainSettings:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        """The instruction's `train` object, validated; ValueError names what is wrong (the agent logs it)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"the instruction's train settings must be an object, got {type(data).__name__}")
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "client_hooks"}
         if "betas" in known:
             known["betas"] = tuple(float(b) for b in known["betas"])
-        settings = cls(**known)
-        if (
-            settings.local_epochs < 1
-            or settings.batch_size < 1
-            or not settings.learning_rate > 0
-            or settings.proximal_mu < 0
-        ):
+        specs = data.get("client_hooks")
+        if specs is None:
+            # Coordinators of protocol 1.0 before `client_hooks` sent FedProx and FFA-LoRA as these two
+            # keys (docs/PROTOCOL.md §5.2): read them as the hooks they meant.
+            specs = [{"name": "fedprox", "params": {"mu": data["proximal_mu"]}}] if data.get("proximal_mu") else []
+            specs += [{"name": "ffa_lora", "params": {}}] if data.get("freeze_lora_a") is True else []
+        settings = cls(**known, client_hooks=client_hooks_from_instruction(specs))
+        if settings.local_epochs < 1 or settings.batch_size < 1 or not settings.learning_rate > 0:
             raise ValueError(f"invalid training settings from coordinator: {settings}")
         return settings
 
@@ -107,8 +110,6 @@ class LocalTrainer:
         memory_budget_mb: float | None = None,
         gradient_checkpointing: str = "auto",
         autocast: str = "auto",
-        dp_clip_norm: float | None = None,
-        dp_noise_multiplier: float | None = None,
     ):
         import torch
 
@@ -121,7 +122,6 @@ class LocalTrainer:
         self.max_batch_size = max_batch_size
         self.progress = progress
         self.device = clip.device
-        self.dp = LocalDP.from_settings(dp_clip_norm, dp_noise_multiplier)
         self.autocast_dtype = resolve_autocast(autocast, self.device)
         self.meter = PeakMemoryMeter(self.device)
         prepare_quantized_for_training(clip.model)
@@ -325,20 +325,36 @@ class LocalTrainer:
         return peak + adam_state_mb
 
     # -- one round ---------------------------------------------------------------------------
-    def train_round(self, global_adapter: dict[str, Any], settings: TrainSettings, round_: int):
-        """Train from `global_adapter`; returns (new adapter tensors, metrics)."""
+    def train_round(
+        self,
+        global_adapter: dict[str, Any],
+        settings: TrainSettings,
+        round_: int,
+        hooks: tuple[ClientHook, ...] | list[ClientHook] = (),
+    ):
+        """Train from `global_adapter`; returns (new adapter tensors, metrics).
+
+        The algorithm's client hooks (flora.algorithms.ClientHook) run at three points: which LoRA
+        parameters train, an extra loss term each step, and the update before it is returned. The
+        instruction's hooks (`settings.client_hooks`) run first, then `hooks`, the device's own
+        (local DP), so nothing changes the update after its noise.
+        """
         import torch
         from tqdm import tqdm
 
+        hooks = [*settings.client_hooks, *hooks]
         received = {k: torch.as_tensor(v) for k, v in global_adapter.items()}
         set_adapter_state(self.model, received)
         device = self.device
         text_inputs = scoring.tokenize(self.clip.tokenizer, self.data.texts(settings.prompt_template), device)
         for name, param in self.model.named_parameters():
             if "lora_" in name:
-                param.requires_grad = not (settings.freeze_lora_a and "lora_A" in name)
-        params = self._trainable()
-        anchors = [p.detach().clone() for p in params] if settings.proximal_mu > 0 else []
+                param.requires_grad = all(hook.trains(name) for hook in hooks)
+        trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        params = list(trainable.values())
+        loss_hooks = [hook for hook in hooks if hook.adds_loss_term]
+        # The round's start values, only when a loss term needs them (a copy of every trainable tensor).
+        start_values = {name: p.detach().clone() for name, p in trainable.items()} if loss_hooks else {}
         optimizer = torch.optim.AdamW(
             params,
             lr=settings.learning_rate,
@@ -373,10 +389,11 @@ class LocalTrainer:
                 step_started = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
                 loss = self._accumulate_gradients(idx, text_inputs, micro, scaler)
-                if anchors:
-                    proximal = settings.proximal_mu / 2 * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-                    (scaler.scale(proximal) if scaler is not None else proximal).backward()
-                    loss = loss + proximal.detach()
+                for hook in loss_hooks:
+                    term = hook.loss_term(trainable, start_values)
+                    if term is not None:
+                        (scaler.scale(term) if scaler is not None else term).backward()
+                        loss = loss + term.detach()
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"local loss became {loss.item()} in round {round_}; lower the learning rate"
@@ -414,9 +431,7 @@ class LocalTrainer:
         if first_round and self.image_embeds is not None:
             metrics["cache_seconds"] = self.cache_seconds  # one-off: building (or loading) the image embeddings
         tensors = self.adapter_state()
-        if settings.freeze_lora_a:  # A is unchanged: send only B (half the bytes)
-            tensors = {k: v for k, v in tensors.items() if "lora_A" not in k}
-        if self.dp is not None:
-            tensors = self.dp.apply(tensors, received)
-            metrics.update(self.dp.metrics())
+        for hook in hooks:
+            tensors = hook.process_update(tensors, received)
+            metrics.update(hook.metrics())
         return tensors, metrics

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from edge_client.config import ClientConfig
-from edge_client.privacy import LocalDP
 from edge_client.trainer import LocalTrainer, TrainSettings
+from flora.algorithms import LocalDP, client_hooks_from_instruction
 from flora.errors import ConfigError
 from flora.modeling.loading import load_clip
 from flora.modeling.recipes import get_recipe
@@ -70,31 +70,29 @@ def test_a_round_with_local_dp_sends_a_clipped_noised_change_and_says_so(tiny_mo
     settings = TrainSettings(local_epochs=1, learning_rate=5e-2, batch_size=32, prompt_template="a photo of {label}.")
     data = digits.subset(range(96))
     clip_norm = 1e-3  # far below what a round at this learning rate moves the adapter
-    plain = LocalTrainer(load_clip(tiny_model_dir), get_recipe("both-towers"), data, progress=False)
-    start = plain.adapter_state()  # fp32 tensors, as received from the coordinator
-    free, free_metrics = plain.train_round(start, settings, round_=1)
+    # Local DP is a client hook the device adds itself (edge_client.agent, from dp_clip_norm/dp_noise_multiplier).
+    trainer = LocalTrainer(load_clip(tiny_model_dir), get_recipe("both-towers"), data, progress=False)
+    start = trainer.adapter_state()  # fp32 tensors, as received from the coordinator
+    free, free_metrics = trainer.train_round(start, settings, round_=1)
     assert "dp_clip_norm" not in free_metrics
     free_delta = {k: free[k] - start[k] for k in start}
 
-    clipped_only = LocalTrainer(
-        load_clip(tiny_model_dir), get_recipe("both-towers"), data, progress=False, dp_clip_norm=clip_norm
-    )
-    sent, metrics = clipped_only.train_round(start, settings, round_=1)
+    sent, metrics = trainer.train_round(start, settings, round_=1, hooks=[LocalDP.from_settings(clip_norm, None)])
     delta = {k: sent[k] - start[k] for k in start}
     assert norm(free_delta) > 100 * clip_norm and norm(delta) == pytest.approx(clip_norm, rel=1e-4)
     assert metrics["dp_clip_norm"] == clip_norm and metrics["dp_noise_multiplier"] == 0.0
     assert all(isinstance(v, (int, float, str)) for v in metrics.values())  # only scalars leave the device
 
-    noisy = LocalTrainer(
-        load_clip(tiny_model_dir),
-        get_recipe("both-towers"),
-        data,
-        progress=False,
-        dp_clip_norm=clip_norm,
-        dp_noise_multiplier=1.0,
-    )
-    sent, metrics = noisy.train_round(start, settings, round_=1)
+    sent, metrics = trainer.train_round(start, settings, round_=1, hooks=[LocalDP.from_settings(clip_norm, 1.0)])
     count = sum(v.numel() for v in start.values())
     # Noise of std 1e-3 on each of ~20k coordinates dwarfs the clipped change (norm 1e-3).
     assert norm({k: sent[k] - start[k] for k in start}) == pytest.approx(clip_norm * math.sqrt(count), rel=0.1)
     assert metrics["dp_noise_multiplier"] == 1.0
+
+
+def test_local_dp_named_by_an_instruction_is_validated_like_any_hook():
+    (hook,) = client_hooks_from_instruction([{"name": "local_dp", "params": {"clip_norm": 0.5}}])
+    assert hook == LocalDP(clip_norm=0.5)
+    for bad in ({"clip_norm": -1.0}, {"clip_norm": float("nan")}, {"clip_norm": "1"}, {"clip_norm": 1.0, "x": 1}):
+        with pytest.raises(ValueError, match="local_dp"):
+            client_hooks_from_instruction([{"name": "local_dp", "params": bad}])

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from coordinator.strategies import ClientUpdate, FedAvg, weighted_mean
+from flora.algorithms import ClientUpdate, FedAvg, weighted_mean
 
 
 def test_weighted_mean_matches_hand_computed_numbers():

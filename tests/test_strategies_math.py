@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.strategies import (
+from flora.algorithms import (
     CentralDP,
     ClientUpdate,
     FedAdam,
@@ -17,10 +17,10 @@ from coordinator.strategies import (
     TrimmedMean,
     make_strategy,
 )
-from coordinator.strategies.fedopt import fedadam_step, fedavgm_step, fedyogi_step
-from coordinator.strategies.lora import AggregationErrorMeter, naive_aggregation_error, refactorize
-from coordinator.strategies.robust import coordinate_median, trimmed_mean
-from coordinator.strategies.wrappers import clip_update
+from flora.algorithms.dp import clip_update
+from flora.algorithms.fedopt import fedadam_step, fedavgm_step, fedyogi_step
+from flora.algorithms.lora import AggregationErrorMeter, naive_aggregation_error, refactorize
+from flora.algorithms.robust import coordinate_median, trimmed_mean
 from flora.modeling.lora_factors import fit_to_rank, truncate
 
 
@@ -157,7 +157,7 @@ def test_ffa_lora_expects_only_b_and_keeps_a():
     g = {"x.lora_A.weight": np.ones((2, 3), np.float32), "x.lora_B.weight": np.zeros((4, 2), np.float32)}
     strategy = FFALoRA()
     assert list(strategy.expected_update(g)) == ["x.lora_B.weight"]
-    assert strategy.configure_train(1, {})["freeze_lora_a"] is True
+    assert strategy.configure_train(1, {})["client_hooks"] == [{"name": "ffa_lora", "params": {}}]
     out = run(
         strategy, g, [({"x.lora_B.weight": np.full((4, 2), 1.0)}, 1), ({"x.lora_B.weight": np.full((4, 2), 4.0)}, 3)]
     )

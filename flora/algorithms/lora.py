@@ -3,7 +3,9 @@
     error = || sum_k w_k B_k A_k  -  (sum_k w_k B_k)(sum_k w_k A_k) ||_F
 
 - FFA-LoRA (Sun et al. 2024): A stays frozen at its shared-seed initialisation, clients train and
-  send only B, and averaging B is then exact (the product is linear in B). Half the bytes.
+  send only B, and averaging B is then exact (the product is linear in B). Half the bytes. Both
+  halves live here: the server strategy expects only B, and the `ffa_lora` client hook freezes A
+  and leaves it out of the update.
 - SVD re-factorisation: form sum_k w_k B_k A_k implicitly as [w_1 B_1 | ... ] @ [A_1; ...], take
   QR of both stacked factors and an SVD of the small core, and keep the top `rank` components.
   The dense out x in matrix is never formed; clients may use different ranks.
@@ -14,12 +16,15 @@ The math is in pure functions over NumPy arrays, each tested against hand-comput
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from coordinator.strategies.base import ClientUpdate, Strategy, Tensors
-from coordinator.strategies.fedavg import FedAvg
-from flora.modeling.lora_factors import B_MARK, lora_pairs
+from flora.algorithms.base import ClientHook, ClientUpdate, HookSpec, Strategy
+from flora.algorithms.fedavg import FedAvg
+from flora.algorithms.registry import register_client_hook, register_strategy
+from flora.algorithms.tensor_math import Tensors
+from flora.modeling.lora_factors import A_MARK, B_MARK, lora_pairs
 
 
 def naive_aggregation_error(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: Sequence[float]) -> float:
@@ -112,18 +117,29 @@ class AggregationErrorMeter:
         return float(np.sqrt(squared))
 
 
+@register_strategy("ffa_lora")
 class FFALoRA(FedAvg):
     """Freeze A (shared seed), average only B: exact aggregation and half the upload."""
 
-    name = "ffa_lora"
-
-    def configure_train(self, round_, settings):
-        return {**settings, "freeze_lora_a": True}
+    def client_hooks(self) -> list[HookSpec]:
+        return [{"name": "ffa_lora", "params": {}}]
 
     def expected_update(self, global_tensors: Tensors) -> Tensors:
         return {k: v for k, v in global_tensors.items() if B_MARK in k}
 
 
+@register_client_hook("ffa_lora")
+class FreezeLoraA(ClientHook):
+    """The client half of FFA-LoRA: A does not train, and is not sent (the server keeps its copy)."""
+
+    def trains(self, parameter_name: str) -> bool:
+        return A_MARK not in parameter_name
+
+    def process_update(self, update: dict[str, Any], global_adapter: Any) -> dict[str, Any]:
+        return {k: v for k, v in update.items() if A_MARK not in k}
+
+
+@register_strategy("svd_lora")
 class SVDLoRA(Strategy):
     """Aggregate the clients' products exactly, then re-factorise to the global rank.
 
@@ -133,7 +149,6 @@ class SVDLoRA(Strategy):
     any, are sample-weighted means.
     """
 
-    name = "svd_lora"
     accepts_lower_rank = True  # validation checks rank <= global rank instead of equality
 
     def begin(self, round_: int, global_tensors: Tensors) -> None:

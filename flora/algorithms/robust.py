@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.strategies.base import ClientUpdate, Strategy, Tensors
+from flora.algorithms.base import ClientUpdate, Strategy
+from flora.algorithms.registry import register_strategy
+from flora.algorithms.tensor_math import Tensors
 
 
 def coordinate_median(stacked: np.ndarray) -> np.ndarray:
@@ -43,16 +45,14 @@ class _OrderStatistic(Strategy):
         }
 
 
+@register_strategy("median")
 class Median(_OrderStatistic):
-    name = "median"
-
     def combine(self, stacked: np.ndarray) -> np.ndarray:
         return coordinate_median(stacked)
 
 
+@register_strategy("trimmed_mean")
 class TrimmedMean(_OrderStatistic):
-    name = "trimmed_mean"
-
     def __init__(self, trim_fraction: float = 0.1):
         if not 0 <= trim_fraction < 0.5:
             raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")

@@ -1,18 +1,37 @@
-"""FedAvg and FedProx: the sample-weighted mean of the clients' adapters, accumulated as they arrive."""
+"""FedAvg: the sample-weighted mean of the clients' adapters, accumulated as they arrive.
+
+It is also the base of every mean-based strategy (FedProx, the server optimizers, FFA-LoRA), and
+owns their one extension point: `add_mean_transform`, a function applied to the mean before it is
+used. Central DP (dp.py) installs its noise there, so noise lands on the average and before any
+server-optimizer step.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
-from coordinator.strategies.base import ClientUpdate, Strategy, Tensors
+from flora.algorithms.base import ClientUpdate, Strategy
+from flora.algorithms.registry import register_strategy
+from flora.algorithms.tensor_math import Tensors
+
+MeanTransform = Callable[[Tensors, int], Tensors]  # (mean, number of updates averaged) -> new mean
 
 
+@register_strategy("fedavg")
 class FedAvg(Strategy):
     """McMahan et al. 2017. Running weighted sums: memory is constant in the number of clients."""
 
-    name = "fedavg"
+    def __init__(self):
+        self._mean_transforms: list[MeanTransform] = []
+
+    def add_mean_transform(self, transform: MeanTransform) -> None:
+        """Apply `transform(mean, count)` to every round's mean, after those added before it.
+
+        Subclasses must call `super().__init__()`; wrappers call this instead of reaching inside.
+        """
+        self._mean_transforms.append(transform)
 
     def begin(self, round_: int, global_tensors: Tensors) -> None:
         self.global_tensors = global_tensors
@@ -21,9 +40,6 @@ class FedAvg(Strategy):
         }
         self._weight = 0.0
         self._count = 0
-        # Wrappers (central DP) transform the mean before it is used: noise belongs on the average,
-        # before any server optimizer step.
-        self.mean_hooks: list = getattr(self, "mean_hooks", [])
 
     def weight_of(self, update: ClientUpdate) -> float:
         return float(update.num_examples)
@@ -39,24 +55,10 @@ class FedAvg(Strategy):
         if self._weight == 0:
             raise ValueError(f"{self.name}: no accepted updates this round")
         mean = {k: v / self._weight for k, v in self._sum.items()}
-        for hook in self.mean_hooks:
-            mean = hook(mean, self._count)
+        for transform in self._mean_transforms:
+            mean = transform(mean, self._count)
         return mean
 
     def aggregate(self) -> Tensors:
         mean = self.mean()
         return {k: mean[k].astype(np.float32) if k in mean else v for k, v in self.global_tensors.items()}
-
-
-class FedProx(FedAvg):
-    """Li et al. 2020: FedAvg on the server; clients add (mu/2)||w - w_global||^2 to their local loss."""
-
-    name = "fedprox"
-
-    def __init__(self, mu: float = 0.01):
-        if mu < 0:
-            raise ValueError(f"fedprox mu must be >= 0, got {mu}")
-        self.mu = mu
-
-    def configure_train(self, round_: int, settings: dict[str, Any]) -> dict[str, Any]:
-        return {**settings, "proximal_mu": self.mu}

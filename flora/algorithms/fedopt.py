@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from coordinator.strategies.base import Tensors
-from coordinator.strategies.fedavg import FedAvg
+from flora.algorithms.fedavg import FedAvg
+from flora.algorithms.registry import register_strategy
+from flora.algorithms.tensor_math import Tensors
 
 
 def fedavgm_step(weights: np.ndarray, delta: np.ndarray, momentum: np.ndarray, *, lr: float, beta: float):
@@ -54,25 +55,26 @@ class _ServerOptimizer(FedAvg):
         self.moments = {k: np.asarray(v, dtype=np.float64) for k, v in state.items()}
 
 
+@register_strategy("fedavgm")
 class FedAvgM(_ServerOptimizer):
-    name = "fedavgm"
-
     def __init__(self, server_lr: float = 1.0, momentum: float = 0.9):
-        self.server_lr, self.beta = server_lr, momentum
+        super().__init__()
+        self.server_lr, self.momentum = server_lr, momentum
         self.moments: Tensors = {}
 
     def step(self, name, weights, delta):
         new, self.moments[f"v/{name}"] = fedavgm_step(
-            weights, delta, self._moment(f"v/{name}", weights), lr=self.server_lr, beta=self.beta
+            weights, delta, self._moment(f"v/{name}", weights), lr=self.server_lr, beta=self.momentum
         )
         return new
 
 
+@register_strategy("fedadam")
 class FedAdam(_ServerOptimizer):
-    name = "fedadam"
     rule = staticmethod(fedadam_step)
 
     def __init__(self, server_lr: float = 1e-2, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3):
+        super().__init__()
         self.server_lr, self.beta1, self.beta2, self.tau = server_lr, beta1, beta2, tau
         self.moments: Tensors = {}
 
@@ -90,6 +92,6 @@ class FedAdam(_ServerOptimizer):
         return new
 
 
+@register_strategy("fedyogi")
 class FedYogi(FedAdam):
-    name = "fedyogi"
     rule = staticmethod(fedyogi_step)
