@@ -35,6 +35,7 @@ def golden_envelope() -> Envelope:
         body_meta=meta,
         msg_id="0" * 32,
         sent_at=1_700_000_000.0,
+        version="1.0",  # the frozen bytes were written at 1.0; a minor bump adds fields, never moves bytes
     )
 
 
