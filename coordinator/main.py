@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
@@ -14,12 +15,14 @@ from flora.modeling.recipes import get_recipe
 from flora.transport import transport_for
 
 
-def build_coordinator(config: CoordinatorConfig) -> Coordinator:
+def build_coordinator(config: CoordinatorConfig, subscribers: Iterable[Any] = ()) -> Coordinator:
+    """The coordinator the config describes; `subscribers` follow its events (coordinator/events.py)."""
     data = load_image_folder(config.eval_data_dir) if config.eval_data_dir else None
     clip = load_clip(config.model, device=config.device)
     evaluator = Evaluator(clip, get_recipe(config.recipe), data, template=config.prompt_template, seed=config.seed)
     transport = transport_for(config)
-    return Coordinator(config, transport, evaluator, make_strategy(config.strategy, config.strategy_params))
+    strategy = make_strategy(config.strategy, config.strategy_params)
+    return Coordinator(config, transport, evaluator, strategy, subscribers=subscribers)
 
 
 def run_coordinator(config: CoordinatorConfig) -> dict[str, Any]:
