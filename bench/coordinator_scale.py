@@ -15,8 +15,8 @@ parameters) written to disk and loaded through the same `from_pretrained` path a
 so the `paper` recipe gives the real adapter: 24 tensors, 24,576 parameters, ~100 KB per message. No evaluation
 data: the coordinator holds the model only to write PEFT checkpoints.
 
-The coordinator's phases are timed by wrapping its bound methods (and the module-level helpers it calls) in its
-own process; the code that runs is the coordinator's, unmodified. Memory: the coordinator's peak RSS during the
+The coordinator's phases are timed by a subscriber to its events (coordinator/events.py), from the events'
+monotonic stamps: nothing in the coordinator is wrapped or replaced. Memory: the coordinator's peak RSS during the
 rounds (VmHWM, reset with /proc/self/clear_refs after the model is loaded), next to its RSS after setup.
 
 Prints one JSON object on stdout; progress goes to stderr. Linux only (/proc).
@@ -129,131 +129,118 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-class PhaseClock:
-    """Seconds and calls per named phase for the current round, filled by wrapped callables.
-
-    Marks are time.monotonic() values, the same clock in every process on Linux, so they can be set against
-    the clients' timestamps: `<name>_start` is the first call's start, `<name>_end` the last call's end.
-    """
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        self.seconds: dict[str, float] = {}
-        self.calls: dict[str, int] = {}
-        self.marks: dict[str, float] = {}
-
-    def wrap(self, name: str, fn):
-        def timed(*args, **kwargs):
-            start = time.monotonic()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                end = time.monotonic()
-                self.seconds[name] = self.seconds.get(name, 0.0) + end - start
-                self.calls[name] = self.calls.get(name, 0) + 1
-                self.marks.setdefault(f"{name}_start", start)
-                self.marks[f"{name}_end"] = end
-
-        return timed
-
-
-# Round phases, in the order run_round goes through them; "other" is the rest (selection, record, inflight file).
+# Round phases, in the order run_round goes through them; "other" is the rest (loading the in-flight selection,
+# the loop between attempts). wait_for_clients includes selecting clients and saving the selection.
 PHASES = ("wait_for_clients", "publish_instruction", "collect", "aggregate", "evaluate", "checkpoint", "publish_result")
-# Per-message work inside "collect" (and statuses in "wait_for_clients"), summed over the round.
-MESSAGE_WORK = ("decode_envelope", "validate_update", "accumulate", "error_meter_add", "error_meter_error")
-# Inside "checkpoint": the PEFT checkpoint (adapter dir + state.json), then _write_outputs' three files.
-CHECKPOINT_WORK = ("checkpoint_store_save", "report_json", "output_adapter_dir", "plot_metrics")
+# Per-update work inside "collect", summed over the round: "check" is decoding, verifying and validating an update;
+# "round_record" (after evaluation) is building the round record, mostly the error meter's final error().
+MESSAGE_WORK = ("check", "accumulate", "error_meter_add", "round_record")
+# Inside "checkpoint": the PEFT checkpoint (adapter dir + state.json), then the RoundEnded subscribers' outputs
+# (report.json, global_adapter/, metrics.png when redrawn).
+CHECKPOINT_WORK = ("checkpoint_store_save", "outputs")
 
 
-def _instrument(coord, clock: PhaseClock, events) -> None:
-    import coordinator.server as server
+class RoundTimer:
+    """Subscriber to the coordinator's events: per round, phase durations from the events' monotonic stamps,
+    the coordinator's CPU and traffic, its inbox backlog; puts one ("round", {...}) on `out` per round.
 
-    server.envelope_from_bytes = clock.wrap("decode_envelope", server.envelope_from_bytes)
-    server.validate_update = clock.wrap("validate_update", server.validate_update)
-    server.atomic_write_json = clock.wrap("report_json", server.atomic_write_json)
-    server.save_adapter_dir = clock.wrap("output_adapter_dir", server.save_adapter_dir)
-    server.plot_metrics = clock.wrap("plot_metrics", server.plot_metrics)
+    Stamps are time.monotonic() values, the same clock in every process on Linux, so they can be set against
+    the clients' timestamps."""
 
-    class TimedErrorMeter(server.AggregationErrorMeter):
-        add = clock.wrap("error_meter_add", server.AggregationErrorMeter.add)
-        error = clock.wrap("error_meter_error", server.AggregationErrorMeter.error)
+    def __init__(self, transport, out):
+        self.transport, self.out = transport, out
+        inner = transport
+        while hasattr(inner, "inner"):  # ChunkingTransport(MqttTransport)
+            inner = inner.inner
+        self._inner = inner
+        self._inbox = getattr(inner, "_inbox", None)  # MqttTransport's queue, filled by paho's network thread
+        self._start_round()
 
-    server.AggregationErrorMeter = TimedErrorMeter
-    for phase in ("wait_for_clients", "publish_instruction", "collect", "checkpoint", "publish_result"):
-        setattr(coord, f"_{phase}", clock.wrap(phase, getattr(coord, f"_{phase}")))
-    coord.checkpoints.save = clock.wrap("checkpoint_store_save", coord.checkpoints.save)
-    coord.strategy.aggregate = clock.wrap("aggregate", coord.strategy.aggregate)
-    coord.strategy.accumulate = clock.wrap("accumulate", coord.strategy.accumulate)
-    coord.evaluator.evaluate = clock.wrap("evaluate", coord.evaluator.evaluate)
-    run_round = coord.run_round
-    transport = coord.transport
-    inner = transport
-    while hasattr(inner, "inner"):  # ChunkingTransport(MqttTransport)
-        inner = inner.inner
-    inbox = getattr(inner, "_inbox", None)  # MqttTransport's queue, filled by paho's network thread
-    receive = transport.receive
-    backlog = {"max": 0, "max_bytes": 0}
+    def _start_round(self) -> None:
+        self.events: list[Any] = []
+        self.backlog = {"max": 0, "max_bytes": 0}
+        self.cpu0, self.sent0, self.received0 = os.times(), self.transport.bytes_sent, self.transport.bytes_received
 
-    def watched_receive(timeout=None):
-        if inbox is not None:  # messages (status and updates) and their payload bytes, bounded by max_inbox_bytes
-            backlog["max"] = max(backlog["max"], inbox.qsize())
-            backlog["max_bytes"] = max(backlog["max_bytes"], inner.inbox_bytes)
-        return receive(timeout=timeout)
+    def _sample_inbox(self) -> None:
+        if self._inbox is not None:  # messages (status and updates) and their payload bytes, bounded by max_inbox_bytes
+            self.backlog["max"] = max(self.backlog["max"], self._inbox.qsize())
+            self.backlog["max_bytes"] = max(self.backlog["max_bytes"], self._inner.inbox_bytes)
 
-    transport.receive = watched_receive
+    def __call__(self, event) -> None:
+        from coordinator.events import ResultPublished
 
-    def timed_round(round_: int) -> dict[str, Any]:
-        clock.reset()
-        backlog["max"] = backlog["max_bytes"] = 0
-        cpu0, sent0, received0 = os.times(), transport.bytes_sent, transport.bytes_received
-        start = time.monotonic()
-        record = run_round(round_)
-        total = time.monotonic() - start
-        cpu1 = os.times()
-        marks, seconds = clock.marks, clock.seconds
-        # Clients can only answer once the instruction is out: time the updates from its publish call.
-        published = marks.get("publish_instruction_start", start)
-        collect_s = seconds.get("collect", 0.0)
-        phases = {p: seconds.get(p, 0.0) for p in PHASES}
-        phases["other"] = max(0.0, total - sum(phases.values()))
-        events.put(
-            (
-                "round",
-                {
-                    "round": round_,
-                    "selected": record["selected"],
-                    "participants": record["participants"],
-                    "rejected": record["rejected"],
-                    "round_s": total,  # run_round end to end: the orchestration time of this round
-                    "record_seconds": record["seconds"],  # the coordinator's own figure (ends before checkpoint)
-                    "phases_s": phases,
-                    "message_work_s": {k: seconds.get(k, 0.0) for k in MESSAGE_WORK},
-                    "checkpoint_work_s": {k: seconds.get(k, 0.0) for k in CHECKPOINT_WORK},
-                    "instruction_published_at": published,  # monotonic, matched with the clients' stamps
-                    "first_update_accumulated_after_s": marks["accumulate_start"] - published
-                    if "accumulate_start" in marks
-                    else None,
-                    "last_update_accumulated_after_s": marks["accumulate_end"] - published
-                    if "accumulate_end" in marks
-                    else None,
-                    "updates_per_s": record["participants"] / collect_s if collect_s else None,
-                    # Messages received but not yet processed by the round loop, at most (its inbox is unbounded).
-                    "max_inbox_backlog": backlog["max"],
-                    "max_inbox_bytes": backlog["max_bytes"],
-                    "bytes_up": record["bytes_up"],
-                    "bytes_down": record["bytes_down"],
-                    "coordinator_bytes_published": transport.bytes_sent - sent0,
-                    "coordinator_bytes_received": transport.bytes_received - received0,
-                    "coordinator_cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
-                    "rss_mb": _proc_status_mb(),
-                },
-            )
+        self.events.append(event)
+        self._sample_inbox()
+        if isinstance(event, ResultPublished):
+            self.out.put(("round", self._summary(event)))
+            self._start_round()
+
+    def _summary(self, published) -> dict[str, Any]:
+        from coordinator.events import (
+            Aggregated,
+            CheckpointSaved,
+            Evaluated,
+            InstructionPublished,
+            RoundEnded,
+            RoundStarted,
+            UpdateAccepted,
+            UpdatesCollected,
         )
-        return record
 
-    coord.run_round = timed_round
+        def of(kind) -> list[Any]:
+            return [e for e in self.events if isinstance(e, kind) and getattr(e, "round", None) == published.round]
+
+        starts, instructions, collected = of(RoundStarted), of(InstructionPublished), of(UpdatesCollected)
+        (aggregated,), (evaluated,) = of(Aggregated), of(Evaluated)
+        (saved,), (ended,) = of(CheckpointSaved), of(RoundEnded)
+        accepted = of(UpdateAccepted)
+        record = ended.record
+        total = published.at - starts[0].waiting_since
+        phases = {
+            "wait_for_clients": sum(s.at - s.waiting_since for s in starts),
+            "publish_instruction": sum(i.at - s.at for s, i in zip(starts, instructions)),
+            "collect": sum(c.at - i.at for i, c in zip(instructions, collected)),
+            "aggregate": aggregated.at - collected[-1].at,
+            "evaluate": evaluated.at - aggregated.at,
+            "checkpoint": published.started_at - saved.started_at,
+            "publish_result": published.at - published.started_at,
+        }
+        phases["other"] = max(0.0, total - sum(phases.values()))
+        # Clients can only answer once the instruction is out: time the updates from the start of its publishing.
+        t0 = starts[-1].at
+        cpu1 = os.times()
+        return {
+            "round": record.round,
+            "selected": record.selected,
+            "participants": record.participants,
+            "rejected": record.rejected,
+            "round_s": total,  # run_round end to end: the orchestration time of this round
+            "record_seconds": record.seconds,  # the coordinator's own figure (ends before checkpoint)
+            "phases_s": phases,
+            "message_work_s": {
+                "check": sum(u.validated_at - u.received_at for u in accepted),
+                "accumulate": sum(u.aggregated_at - u.validated_at for u in accepted),
+                "error_meter_add": sum(u.at - u.aggregated_at for u in accepted),
+                "round_record": saved.started_at - evaluated.at,
+            },
+            "checkpoint_work_s": {
+                "checkpoint_store_save": saved.at - saved.started_at,
+                "outputs": published.started_at - ended.at,
+            },
+            "instruction_published_at": t0,  # monotonic, matched with the clients' stamps
+            "first_update_accumulated_after_s": min(u.aggregated_at for u in accepted) - t0 if accepted else None,
+            "last_update_accumulated_after_s": max(u.aggregated_at for u in accepted) - t0 if accepted else None,
+            "updates_per_s": record.participants / phases["collect"] if phases["collect"] else None,
+            # Messages received but not yet processed by the round loop, at most (sampled at each event).
+            "max_inbox_backlog": self.backlog["max"],
+            "max_inbox_bytes": self.backlog["max_bytes"],
+            "bytes_up": record.bytes_up,
+            "bytes_down": record.bytes_down,
+            "coordinator_bytes_published": self.transport.bytes_sent - self.sent0,
+            "coordinator_bytes_received": self.transport.bytes_received - self.received0,
+            "coordinator_cpu_s": (cpu1.user + cpu1.system) - (self.cpu0.user + self.cpu0.system),
+            "rss_mb": _proc_status_mb(),
+        }
 
 
 def _quiet_libraries() -> None:
@@ -298,7 +285,7 @@ def coordinator_process(settings: dict[str, Any], events) -> None:
                 },
             )
         )
-        _instrument(coord, PhaseClock(), events)
+        coord.events.subscribe(RoundTimer(coord.transport, events))
         report = coord.run()
         status = _proc_status_mb()
         events.put(
@@ -753,12 +740,10 @@ def summarise(n, rounds, setup, done, stats, online_s, broker_status, broker_cpu
     breakdown = {
         "error_meter_ms_per_update": median(lambda r: 1e3 * r["message_work_s"]["error_meter_add"] / r["participants"]),
         "other_update_work_ms_per_update": median(
-            lambda r: 1e3 * sum(r["message_work_s"][k] for k in MESSAGE_WORK[:3]) / r["participants"]
+            lambda r: 1e3 * sum(r["message_work_s"][k] for k in MESSAGE_WORK[:2]) / r["participants"]
         ),
-        "plot_metrics_s": median(lambda r: r["checkpoint_work_s"]["plot_metrics"]),
-        "checkpoint_without_plot_s": median(
-            lambda r: r["phases_s"]["checkpoint"] - r["checkpoint_work_s"]["plot_metrics"]
-        ),
+        "outputs_s": median(lambda r: r["checkpoint_work_s"]["outputs"]),
+        "checkpoint_save_s": median(lambda r: r["checkpoint_work_s"]["checkpoint_store_save"]),
         "clients_all_updates_sent_after_s": median(lambda r: r.get("clients", {}).get("last_update_sent_after_s", 0.0)),
         "last_update_accumulated_after_s": median(lambda r: r["last_update_accumulated_after_s"] or 0.0),
         "max_inbox_backlog": max(r["max_inbox_backlog"] for r in rounds),
@@ -874,7 +859,7 @@ def markdown_rows(results: list[dict[str, Any]]) -> list[str]:
         )
     rows += [
         "",
-        "| N | error meter ms/update | other work ms/update | plot_metrics s | rest of checkpoint s "
+        "| N | error meter ms/update | other work ms/update | outputs s | checkpoint save s "
         "| all updates sent after s | last update accumulated after s | max inbox backlog (MB) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -882,7 +867,7 @@ def markdown_rows(results: list[dict[str, Any]]) -> list[str]:
         b = r["breakdown_median"]
         rows.append(
             f"| {r['clients']} | {b['error_meter_ms_per_update']:.1f} | {b['other_update_work_ms_per_update']:.2f} "
-            f"| {b['plot_metrics_s']:.2f} | {b['checkpoint_without_plot_s']:.2f} "
+            f"| {b['outputs_s']:.2f} | {b['checkpoint_save_s']:.2f} "
             f"| {b['clients_all_updates_sent_after_s']:.2f} | {b['last_update_accumulated_after_s']:.2f} "
             f"| {b['max_inbox_backlog']} ({b['max_inbox_mb']:.1f}) |"
         )

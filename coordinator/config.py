@@ -58,6 +58,11 @@ class CoordinatorConfig(NodeSettings):
     output_dir: Path | None = field(None, help="report.json, metrics.png, global_adapter/ (default: checkpoint_dir)")
     eval_data_dir: Path | None = field(None, help="held-out image folder for server-side evaluation")
     export_dir: Path | None = field(None, help="after the last round, merge and export validated ONNX here")
+    trackers: list[str] = field(
+        factory=list, help='experiment trackers: tensorboard, mlflow (extras: pip install "flora-edge[tensorboard]")'
+    )
+    tracker_dir: Path | None = field(None, help="tracker logs: tensorboard/, mlflow.db (default: output_dir/trackers)")
+    mlflow_tracking_uri: str | None = field(None, help="MLflow tracking URI (default: sqlite in tracker_dir)")
     device: str = field("cpu", help="device for evaluation: cpu, cuda, auto")
     seed: int = field(0, help="seeds client selection and the initial adapter")
 

@@ -1,7 +1,8 @@
 """The coordinator's live terminal view: finished rounds as a table, the open round as a status line.
 
 Shown only when the coordinator's console is a terminal; under systemd or with output redirected
-it stays silent and the log lines tell the same story.
+it stays silent and the log lines tell the same story. It follows the run as a subscriber to the
+coordinator's events (coordinator/events.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,15 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from coordinator.events import (
+    RoundEnded,
+    RoundStarted,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    UpdateAccepted,
+    UpdateRejected,
+)
 from flora.live import rounds_table
 
 
@@ -55,6 +65,31 @@ class RoundView:
         self.records.append(record)
         self.current = None
         self._refresh()
+
+    # -- as a subscriber to the coordinator's events ---------------------------------------------------------------
+    def on_run_started(self, event: RunStarted) -> None:
+        self.records = [r.to_dict() for r in event.report.rounds]  # a resumed run shows its earlier rounds
+        self.__enter__()
+
+    def on_round_started(self, event: RoundStarted) -> None:
+        self.open_round(event.round, len(event.selected), max(0.0, event.deadline - time.time()))
+
+    def on_update_accepted(self, event: UpdateAccepted) -> None:
+        if self.current is not None and self.current["round"] == event.round:
+            self.progress(self.current["received"] + 1, self.current["rejected"])
+
+    def on_update_rejected(self, event: UpdateRejected) -> None:
+        if self.current is not None and self.current["round"] == event.round:
+            self.progress(self.current["received"], self.current["rejected"] + 1)
+
+    def on_round_ended(self, event: RoundEnded) -> None:
+        self.close_round(event.record.to_dict())
+
+    def on_run_finished(self, event: RunFinished) -> None:
+        self.__exit__()
+
+    def on_run_failed(self, event: RunFailed) -> None:
+        self.__exit__()
 
     def status_line(self) -> str:
         if self.current is None:

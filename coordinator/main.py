@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
 from coordinator.server import Coordinator
+from coordinator.trackers import make_tracker
 from flora.algorithms import make_strategy
 from flora.data.datasets import load_image_folder
 from flora.modeling.loading import load_clip
@@ -14,12 +16,15 @@ from flora.modeling.recipes import get_recipe
 from flora.transport import transport_for
 
 
-def build_coordinator(config: CoordinatorConfig) -> Coordinator:
+def build_coordinator(config: CoordinatorConfig, subscribers: Iterable[Any] = ()) -> Coordinator:
+    """The coordinator the config describes; `subscribers` follow its events after the configured trackers."""
+    trackers = [make_tracker(name, config) for name in config.trackers]  # a missing extra fails before loading
     data = load_image_folder(config.eval_data_dir) if config.eval_data_dir else None
     clip = load_clip(config.model, device=config.device)
     evaluator = Evaluator(clip, get_recipe(config.recipe), data, template=config.prompt_template, seed=config.seed)
     transport = transport_for(config)
-    return Coordinator(config, transport, evaluator, make_strategy(config.strategy, config.strategy_params))
+    strategy = make_strategy(config.strategy, config.strategy_params)
+    return Coordinator(config, transport, evaluator, strategy, subscribers=[*trackers, *subscribers])
 
 
 def run_coordinator(config: CoordinatorConfig) -> dict[str, Any]:

@@ -4,6 +4,10 @@ Per round: wait for enough online clients, select, publish the instruction with 
 adapter (retained, so a client that reconnects mid-round still gets it), accept updates until
 everyone selected answered or the deadline passed, aggregate if the quorum was met (else retry
 with a fresh selection), evaluate, checkpoint atomically, publish the round result.
+
+Whatever only observes the run (report.json, metrics.png, the live view, trackers) subscribes to the
+events the loop emits (coordinator/events.py); the checkpoint stays a built-in step, before the round's
+result is published or any subscriber hears of it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import collections
 import dataclasses
 import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +25,37 @@ import numpy as np
 from coordinator.checkpoint import CheckpointStore
 from coordinator.config import CoordinatorConfig
 from coordinator.evaluation import Evaluator
+from coordinator.events import (
+    Aggregated,
+    CheckpointSaved,
+    Evaluated,
+    EventBus,
+    InstructionPublished,
+    ResultPublished,
+    RoundEnded,
+    RoundStarted,
+    RunFailed,
+    RunFinished,
+    RunStarted,
+    UpdateAccepted,
+    UpdateRejected,
+    UpdatesCollected,
+)
 from coordinator.live_view import RoundView
-from coordinator.plots import plot_metrics
+from coordinator.outputs import MetricsPlot, ReportWriter
 from coordinator.registry import Registry, Requirements, checked_selection
 from coordinator.signatures import Authenticator
 from coordinator.validation import validate_update
 from flora import __version__
 from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
-from flora.files import atomic_write_json
-from flora.modeling.adapter import save_adapter_dir
 from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes
+from flora.records import RoundRecord, RunReport
 from flora.transport import Message, Transport
 from flora.transport.base import RECONNECTED
 
 log = logging.getLogger(__name__)
 
-
-PLOT_INTERVAL_S = 30.0
 MAX_EARLY_UPDATES = 10_000  # bound on held updates (a flood must not exhaust memory)
 
 
@@ -46,26 +64,41 @@ class RoundFailed(FloraError):
 
 
 class Coordinator:
-    def __init__(self, config: CoordinatorConfig, transport: Transport, evaluator: Evaluator, strategy: Strategy):
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        transport: Transport,
+        evaluator: Evaluator,
+        strategy: Strategy,
+        subscribers: Iterable[Any] = (),
+    ):
+        """`subscribers` (callables or objects with on_<event> methods, see coordinator/events.py) follow the run
+        after the built-in outputs: report.json and global_adapter/, metrics.png, the live view."""
         self.config = config
         self.transport = transport
         self.evaluator = evaluator
         self.strategy = strategy
         self.topics = Topics(config.run_id)
         self.registry = Registry()
-        self.view = RoundView(config.run_id, config.rounds)
         self.requirements = Requirements(config.min_client_memory_mb, config.require_4bit)
         self.checkpoints = CheckpointStore(config.checkpoint_dir)
         self.auth = Authenticator(config)  # signs what we publish; verifies devices (when keys are configured)
         self.rejections: collections.Counter[str] = collections.Counter()
-        self.history: list[dict[str, Any]] = []
+        self.history: list[RoundRecord] = []
         self.initial: dict[str, Any] | None = None
         self.global_tensors: Tensors = {}
         self.next_round = 1
         self._started = False
         self._instruction: Message | None = None  # the open round's, re-published after a reconnect
         self._early: list[Message] = []  # updates for the next round that arrived before it opened
-        self._last_plot = float("-inf")
+        self._open_round: int | None = None  # the round collecting updates, for UpdateRejected
+        self.events = EventBus()
+        out = Path(config.output_dir)
+        self.events.subscribe(ReportWriter(out, evaluator.model, base_model=config.model), required=True)
+        self.events.subscribe(MetricsPlot(out / "metrics.png"))
+        self.events.subscribe(RoundView(config.run_id, config.rounds))
+        for subscriber in subscribers:
+            self.events.subscribe(subscriber)
 
     # -- setup and resume ----------------------------------------------------------------
     def _coordinator_status(self, state: str) -> Message:
@@ -105,7 +138,7 @@ class Coordinator:
         self.global_tensors = load_file(str(Path(saved["adapter_dir"]) / "adapter_model.safetensors"))
         self.global_tensors = {k: v.astype(np.float32) for k, v in self.global_tensors.items()}
         self.evaluator.load(self.global_tensors)
-        self.history = saved.get("history", [])
+        self.history = [RoundRecord.from_dict(r) for r in saved.get("history", [])]
         self.initial = saved.get("initial")
         self.rejections.update(saved.get("rejections", {}))
         self.strategy.load_state_dict(self.checkpoints.load_strategy_state(saved))
@@ -114,24 +147,37 @@ class Coordinator:
 
     # -- the template method -------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Run every remaining round; returns the report as JSON-able values (RunReport.to_dict())."""
         self.start()
         try:
-            with self.view:
-                while self.next_round <= self.config.rounds:
-                    self.run_round(self.next_round)
-                    self.next_round += 1
+            self.events.emit(
+                RunStarted(
+                    run_id=self.config.run_id,
+                    first_round=self.next_round,
+                    rounds_total=self.config.rounds,
+                    report=self.report(),
+                    config=_public_settings(self.config),
+                )
+            )
+            while self.next_round <= self.config.rounds:
+                self.run_round(self.next_round)
+                self.next_round += 1
             self._publish_finished()
-            return self.report()
-        except BaseException:
+            report = self.report()
+            self.events.emit(RunFinished(report=report))
+            return report.to_dict()
+        except BaseException as exc:
             if self.transport.connected:  # a clean disconnect sends no Will: say it ourselves
                 self.transport.publish(self._coordinator_status("offline"), timeout=5)
+            self.events.emit(RunFailed(round=self.next_round, error=f"{type(exc).__name__}: {exc}"))
             raise
         finally:
             self.transport.close()
 
-    def run_round(self, round_: int) -> dict[str, Any]:
+    def run_round(self, round_: int) -> RoundRecord:
         started = time.monotonic()
         for attempt in range(1, self.config.max_round_attempts + 1):
+            waiting_since = time.monotonic()
             inflight = self.checkpoints.load_inflight(round_) if attempt == 1 else None
             if inflight is not None:
                 # We crashed during this round: keep its selection, so the updates the broker queued
@@ -151,10 +197,29 @@ class Coordinator:
                 chosen = self.strategy.select(candidates, round_=round_, rng_seed=seed, default=default)
                 selected = checked_selection(chosen, candidates, self.strategy.name)
                 self.checkpoints.save_inflight(round_, selected)
+            self.events.emit(
+                RoundStarted(
+                    round=round_,
+                    attempt=attempt,
+                    selected=tuple(selected),
+                    deadline=time.time() + self.config.round_deadline_s,
+                    waiting_since=waiting_since,
+                )
+            )
             bytes_down = self._publish_instruction(round_, selected)
-            self.view.open_round(round_, len(selected), self.config.round_deadline_s)
+            self.events.emit(InstructionPublished(round=round_, attempt=attempt, bytes_down=bytes_down))
             updates, rejected, bytes_up = self._collect(round_, set(selected))
-            if len(updates) >= self.config.quorum:
+            quorum_met = len(updates) >= self.config.quorum
+            self.events.emit(
+                UpdatesCollected(
+                    round=round_,
+                    attempt=attempt,
+                    accepted=len(updates),
+                    rejected=sum(rejected.values()),
+                    quorum_met=quorum_met,
+                )
+            )
+            if quorum_met:
                 break
             log.warning(
                 "round %d attempt %d: %d of %d selected answered, below quorum %d; retrying with a fresh selection",
@@ -170,33 +235,38 @@ class Coordinator:
                 "attempts; check that clients are online, then rerun the same command to resume"
             )
         self.global_tensors = self.strategy.aggregate()
-        evaluation = self.evaluator.evaluate(self.global_tensors)
         total_examples = sum(u.num_examples for u in updates)
-        record = {
-            "round": round_,
-            "rounds_total": self.config.rounds,
-            "attempts": attempt,
-            "selected": len(selected),
-            "participants": len(updates),
-            "accepted": sorted(u.node for u in updates),
-            "rejected": dict(rejected),
-            "accuracy": evaluation["accuracy"] if evaluation else None,
-            "loss": evaluation["loss"] if evaluation else None,
-            "train_loss": float(
-                sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / total_examples
-            ),
-            "num_examples": total_examples,
-            "client_peak_memory_mb": max(float(u.metrics.get("peak_memory_mb", 0.0)) for u in updates),
-            "aggregation_error": self.error_meter.error(),
-            **self.strategy.round_metrics(),
-            "bytes_up": bytes_up,
-            "bytes_down": bytes_down,
-            "seconds": time.monotonic() - started,
-        }
+        self.events.emit(Aggregated(round=round_, participants=len(updates), num_examples=total_examples))
+        evaluation = self.evaluator.evaluate(self.global_tensors)
+        self.events.emit(Evaluated(round=round_, evaluation=evaluation))
+        record = RoundRecord(
+            round=round_,
+            rounds_total=self.config.rounds,
+            attempts=attempt,
+            selected=len(selected),
+            participants=len(updates),
+            accepted=tuple(sorted(u.node for u in updates)),
+            rejected=dict(rejected),
+            accuracy=evaluation["accuracy"] if evaluation else None,
+            loss=evaluation["loss"] if evaluation else None,
+            train_loss=float(sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / total_examples),
+            num_examples=total_examples,
+            client_peak_memory_mb=max(float(u.metrics.get("peak_memory_mb", 0.0)) for u in updates),
+            aggregation_error=self.error_meter.error(),
+            strategy_metrics=dict(self.strategy.round_metrics()),
+            bytes_up=bytes_up,
+            bytes_down=bytes_down,
+            seconds=time.monotonic() - started,
+        )
         self.history.append(record)
-        self.view.close_round(record)
-        self._checkpoint(round_)
+        checkpoint_started = time.monotonic()
+        adapter_dir = self._checkpoint(round_)
+        # Only now may anyone hear of the round: state.json names it, so a crash from here on resumes after it.
+        self.events.emit(CheckpointSaved(round=round_, adapter_dir=adapter_dir, started_at=checkpoint_started))
+        self.events.emit(RoundEnded(round=round_, record=record, report=self.report()))
+        publish_started = time.monotonic()
         self._publish_result(round_, record)
+        self.events.emit(ResultPublished(round=round_, started_at=publish_started))
         log.info(
             "round %d: %d/%d updates, accuracy %s, up %d B, down %d B, %.1fs",
             round_,
@@ -205,7 +275,7 @@ class Coordinator:
             _pct(evaluation),
             bytes_up,
             bytes_down,
-            record["seconds"],
+            record.seconds,
         )
         return record
 
@@ -299,38 +369,59 @@ class Coordinator:
         rejected: collections.Counter[str] = collections.Counter()
         bytes_up = 0
         early, self._early = self._early, []
-        while len(accepted) < len(selected) and time.monotonic() < deadline:
-            message = early.pop(0) if early else self._pump(min(0.5, max(0.01, deadline - time.monotonic())))
-            if message is None:
-                continue
-            try:
-                env = envelope_from_bytes(message.payload)
-                verified = self.auth.check_update(message.payload, env, Topics.node_of(message.topic))
-                update = validate_update(
-                    env,
-                    topic_node=Topics.node_of(message.topic),
-                    run_id=self.config.run_id,
-                    round_=round_,
-                    selected=selected,
-                    already=set(accepted),
-                    global_tensors=self.strategy.expected_update(self.global_tensors),
-                    max_update_norm=self.config.max_update_norm,
-                    payload_bytes=len(message.payload),
-                    allow_lower_rank=self.strategy.accepts_lower_rank,
-                )
-                self.auth.check_binding(env, verified)
-            except ProtocolError as exc:
-                self._count_rejection(exc, message.topic, rejected)
-                self.view.progress(len(accepted), sum(rejected.values()))
-                continue
-            self.strategy.accumulate(update)
-            self.error_meter.add(update.tensors, update.num_examples)
-            # Keep who answered and their metrics, not their tensors: those are already folded into the
-            # strategy, and holding 500 updates' tensors would make memory grow with the fleet.
-            accepted[update.node] = dataclasses.replace(update, tensors={})
-            bytes_up += len(message.payload)
-            self.view.progress(len(accepted), sum(rejected.values()))
+        self._open_round = round_
+        try:
+            while len(accepted) < len(selected) and time.monotonic() < deadline:
+                message = early.pop(0) if early else self._pump(min(0.5, max(0.01, deadline - time.monotonic())))
+                if message is None:
+                    continue
+                bytes_up += self._take_update(message, round_, selected, accepted, rejected)
+        finally:
+            self._open_round = None
         return list(accepted.values()), rejected, bytes_up
+
+    def _take_update(self, message: Message, round_: int, selected: set[str], accepted: dict, rejected) -> int:
+        """Check one update and fold it in (returns its bytes), or count its rejection (returns 0)."""
+        received_at = time.monotonic()
+        try:
+            env = envelope_from_bytes(message.payload)
+            verified = self.auth.check_update(message.payload, env, Topics.node_of(message.topic))
+            update = validate_update(
+                env,
+                topic_node=Topics.node_of(message.topic),
+                run_id=self.config.run_id,
+                round_=round_,
+                selected=selected,
+                already=set(accepted),
+                global_tensors=self.strategy.expected_update(self.global_tensors),
+                max_update_norm=self.config.max_update_norm,
+                payload_bytes=len(message.payload),
+                allow_lower_rank=self.strategy.accepts_lower_rank,
+            )
+            self.auth.check_binding(env, verified)
+        except ProtocolError as exc:
+            self._count_rejection(exc, message.topic, rejected)
+            return 0
+        validated_at = time.monotonic()
+        self.strategy.accumulate(update)
+        aggregated_at = time.monotonic()
+        self.error_meter.add(update.tensors, update.num_examples)
+        # Keep who answered and their metrics, not their tensors: those are already folded into the
+        # strategy, and holding 500 updates' tensors would make memory grow with the fleet.
+        accepted[update.node] = dataclasses.replace(update, tensors={})
+        self.events.emit(
+            UpdateAccepted(
+                round=round_,
+                node=update.node,
+                num_examples=update.num_examples,
+                bytes=len(message.payload),
+                metrics=dict(update.metrics),
+                received_at=received_at,
+                validated_at=validated_at,
+                aggregated_at=aggregated_at,
+            )
+        )
+        return len(message.payload)
 
     def _hold_or_reject(self, message: Message) -> None:
         """An update before its round opened: keep it if it is for the round about to open (it was
@@ -349,25 +440,34 @@ class Coordinator:
         self.rejections[exc.reason.value] += 1
         level = logging.ERROR if exc.reason is RejectReason.VERSION else logging.WARNING
         log.log(level, "rejected message on %s: %s", topic, exc)
+        self.events.emit(
+            UpdateRejected(
+                round=self._open_round, topic=topic, node=Topics.node_of(topic), reason=exc.reason, detail=exc.detail
+            )
+        )
 
-    def _checkpoint(self, round_: int) -> None:
+    def _checkpoint(self, round_: int) -> Path:
+        """The round's adapter and state, atomically; returns the adapter directory."""
         self.evaluator.load(self.global_tensors)
         state = {
             "run_id": self.config.run_id,
-            "history": self.history,
+            "history": [r.to_dict() for r in self.history],
             "initial": self.initial,
             "rejections": dict(self.rejections),
             "registry": self.registry.snapshot(),
             "toolkit_version": __version__,
         }
-        self.checkpoints.save(
+        return self.checkpoints.save(
             round_, self.evaluator.model, state, base_model=self.config.model, strategy_state=self.strategy.state_dict()
         )
-        self._write_outputs()
 
-    def _publish_result(self, round_: int, record: dict[str, Any]) -> None:
+    def _publish_result(self, round_: int, record: RoundRecord) -> None:
         env = Envelope(
-            kind="round_result", run=self.config.run_id, sender=self.config.node_id, round=round_, data=record
+            kind="round_result",
+            run=self.config.run_id,
+            sender=self.config.node_id,
+            round=round_,
+            data=record.to_dict(),
         )
         self.transport.publish(Message(self.topics.metrics, self.auth.seal(env), retain=True))
 
@@ -384,36 +484,30 @@ class Coordinator:
         self.transport.publish(Message(self.topics.instruction, payload, retain=True))
         self.transport.publish(self._coordinator_status("finished"))
 
-    # -- outputs -------------------------------------------------------------------------
-    def report(self) -> dict[str, Any]:
-        last = self.history[-1] if self.history else {}
-        return {
-            "run_id": self.config.run_id,
-            "toolkit_version": __version__,
-            "model": self.config.model,
-            "recipe": self.config.recipe,
-            "strategy": self.strategy.describe(),  # what ran: name, params, wrappers, client hooks, class
-            "rounds_planned": self.config.rounds,
-            "initial": self.initial,
-            "initial_accuracy": (self.initial or {}).get("accuracy"),
-            "rounds": self.history,
-            "final_accuracy": last.get("accuracy"),
-            "rejections": dict(self.rejections),
-            "bytes_up_total": sum(r["bytes_up"] for r in self.history),
-            "bytes_down_total": sum(r["bytes_down"] for r in self.history),
-        }
+    # -- the report ----------------------------------------------------------------------
+    def report(self) -> RunReport:
+        return RunReport(
+            run_id=self.config.run_id,
+            toolkit_version=__version__,
+            model=self.config.model,
+            recipe=self.config.recipe,
+            strategy=self.strategy.describe(),  # what ran: name, params, wrappers, hooks
+            rounds_planned=self.config.rounds,
+            initial=self.initial,
+            rounds=tuple(self.history),
+            rejections=dict(self.rejections),
+        )
 
-    def _write_outputs(self) -> None:
-        out = Path(self.config.output_dir)
-        report = self.report()
-        atomic_write_json(out / "report.json", report)
-        save_adapter_dir(self.evaluator.model, out / "global_adapter", base_model=self.config.model)
-        # Drawing costs ~0.35 s (measured by bench/coordinator_scale.py): redraw at most every
-        # PLOT_INTERVAL_S during a run, and always after the last round.
-        final = self.history and self.history[-1]["round"] >= self.config.rounds
-        if final or time.monotonic() - self._last_plot >= PLOT_INTERVAL_S:
-            plot_metrics(report, out / "metrics.png")
-            self._last_plot = time.monotonic()
+
+def _public_settings(config: CoordinatorConfig) -> dict[str, Any]:
+    """The settings as JSON-able values for trackers (RunStarted), without the broker password."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name == "password":
+            continue
+        out[f.name] = str(value) if isinstance(value, Path) else value
+    return out
 
 
 def _pct(evaluation: dict[str, Any] | None) -> str:
