@@ -6,9 +6,9 @@ once, stored in the state directory as safetensors, and reused by every epoch an
 after a reboot.
 
 The file carries two fingerprints and is used only if both match:
-- model: the vision tower's and visual projection's tensors as loaded (quantized bytes and
-  quantization state included), their config, the image processor's settings, the compute dtype and
-  autocast;
+- model: the tensors of the family's image-path modules as loaded (CLIP: vision tower and visual
+  projection; SigLIP: vision tower with its head; quantized bytes and quantization state included),
+  their config, the image processor's settings, the compute dtype and autocast;
 - data: every image's decoded pixels, in order.
 Anything else (a different checkpoint, quantization, a changed or added image) rebuilds it.
 Content hashes rather than file dates: copying a dataset or a model elsewhere keeps the cache valid,
@@ -48,14 +48,15 @@ def model_fingerprint(clip: Any, precision: str = "") -> str:
     model = getattr(clip.model, "get_base_model", lambda: clip.model)()
     digest = hashlib.sha256(f"flora-image-embeddings/{CACHE_FORMAT}".encode())
     header = {
+        "family": clip.family.name,
         "vision_config": _plain(model.config.vision_config.to_dict()),
-        "projection_dim": model.config.projection_dim,
+        "projection_dim": getattr(model.config, "projection_dim", None),  # SigLIP has none
         "image_processor": _plain(clip.image_processor.to_dict()),
         "quantization": clip.quantization,
         "precision": precision,  # compute dtype, autocast
     }
     digest.update(json.dumps(header, sort_keys=True, default=str).encode())
-    for prefix, module in (("vision_model", model.vision_model), ("visual_projection", model.visual_projection)):
+    for prefix, module in clip.family.image_path(model):
         for name, tensor in sorted(module.state_dict().items()):
             _hash_tensor(digest, f"{prefix}.{name}", tensor)
     return digest.hexdigest()

@@ -1,6 +1,6 @@
 """The local training loop: one round of LoRA training on this device's data.
 
-Read it top to bottom: load the global adapter, run `local_epochs` of CLIP's contrastive loss
+Read it top to bottom: load the global adapter, run `local_epochs` of the model family's loss (CLIP: contrastive)
 between each image and its text (its class prompt, or its caption), return the new adapter tensors
 and scalar metrics. The optimizer is rebuilt every round (FedAvg's convention: client state does not
 leak across rounds).
@@ -46,7 +46,6 @@ from flora.modeling.recipes import LoraRecipe
 log = logging.getLogger(__name__)
 
 AUTOCAST_MODES = ("auto", "off", "float16", "bfloat16")
-IMAGE_PATH_MODULES = ("vision_model", "visual_projection")
 
 
 @dataclass(frozen=True)
@@ -125,10 +124,11 @@ class LocalTrainer:
         self.autocast_dtype = resolve_autocast(autocast, self.device)
         self.meter = PeakMemoryMeter(self.device)
         prepare_quantized_for_training(clip.model)
+        self.family = clip.family  # what differs between CLIP, SigLIP, ...: embeddings, loss, image path
         self.model = attach_lora(clip.model, recipe, seed=seed)
         # Authoritative, whatever the recipe's regex says: does anything on the image path train?
         self.trains_images = any(
-            p.requires_grad and any(m in name for m in IMAGE_PATH_MODULES) for name, p in self.model.named_parameters()
+            p.requires_grad and self.family.on_image_path(name) for name, p in self.model.named_parameters()
         )
         self.text_index = torch.as_tensor(data.labels, device=self.device)
         self.image_embeds = None  # [N, D] fp32, when the vision tower is frozen and caching is on
@@ -178,7 +178,7 @@ class LocalTrainer:
                 for start in range(0, len(self.data), chunk):
                     pixels = pixel_values(self.clip.image_processor, self.data.images[start : start + chunk])
                     with self._autocast():
-                        parts.append(scoring.image_embeddings(self.model, pixels.to(self.device)).float())
+                        parts.append(self.family.image_embeddings(self.model, pixels.to(self.device)).float())
             self.model.train(was_training)
             self.image_embeds = torch.cat(parts)
             store.save(self.image_embeds, model_key, data_key)
@@ -192,16 +192,14 @@ class LocalTrainer:
         if self.image_embeds is not None:
             return self.image_embeds[idx]
         with torch.set_grad_enabled(grad), self._autocast():
-            return scoring.image_embeddings(self.model, self.pixels[idx]).float()
+            return self.family.image_embeddings(self.model, self.pixels[idx]).float()
 
     def _text_embeddings(self, text_inputs: dict[str, Any], ids, *, grad: bool):
         import torch
 
-        rows = {k: v[ids] for k, v in text_inputs.items()}
-        length = int(rows["attention_mask"].sum(dim=1).max())  # drop padding columns no row of this batch uses
-        rows = {k: v[:, :length] for k, v in rows.items()}
+        rows = self.family.text_rows(text_inputs, ids)  # CLIP drops padding columns no row of this batch uses
         with torch.set_grad_enabled(grad), self._autocast():
-            return scoring.text_embeddings(self.model, rows).float()
+            return self.family.text_embeddings(self.model, rows).float()
 
     # -- one batch ----------------------------------------------------------------------------
     def _rng_state(self):
@@ -218,7 +216,7 @@ class LocalTrainer:
             torch.cuda.set_rng_state(state[1], self.device)
 
     def _accumulate_gradients(self, idx, text_inputs: dict[str, Any], micro: int, scaler=None):
-        """Add d(loss)/d(params) of the contrastive loss over examples `idx` to `.grad`; return the loss.
+        """Add d(loss)/d(params) of the family's loss over examples `idx` to `.grad`; return the loss.
 
         One pass when the batch fits in `micro`, else the gradient-cache method (see the module docstring).
         """
@@ -230,11 +228,11 @@ class LocalTrainer:
             tensor.backward(grad)
 
         text_ids, targets = torch.unique(self.text_index[idx], return_inverse=True)
-        scale = scoring.logit_scale(self.model)
+        scale, bias = self.family.logit_scale(self.model), self.family.logit_bias(self.model)
         if len(idx) <= micro and len(text_ids) <= micro:
             images = self._image_embeddings(idx, grad=self.trains_images)
             texts = self._text_embeddings(text_inputs, text_ids, grad=True)
-            loss = scoring.contrastive_loss(images, texts, targets, scale)
+            loss = self.family.loss(images, texts, targets, scale, bias)
             backward(loss)
             return loss.detach()
         text_chunks = text_ids.split(micro)
@@ -256,7 +254,7 @@ class LocalTrainer:
                 images = self._image_embeddings(idx, grad=False)
         texts.requires_grad_(True)
         images = images.detach().requires_grad_(self.trains_images)
-        loss = scoring.contrastive_loss(images, texts, targets, scale)
+        loss = self.family.loss(images, texts, targets, scale, bias)
         backward(loss)
         for chunk, state, grad in zip(text_chunks, text_states, texts.grad.split(micro)):
             self._set_rng_state(state)  # same dropout masks as in the pass without a graph
@@ -273,7 +271,7 @@ class LocalTrainer:
         """(loss, {parameter name: gradient}) of one batch, without changing the adapter (tests, diagnostics)."""
         import torch
 
-        text_inputs = scoring.tokenize(self.clip.tokenizer, self.data.texts(template), self.device)
+        text_inputs = self.family.tokenize(self.clip.tokenizer, self.data.texts(template), self.device)
         idx = torch.as_tensor(np.asarray(indices), device=self.device)
         self.model.zero_grad(set_to_none=True)
         self.model.train()
@@ -311,7 +309,7 @@ class LocalTrainer:
         import torch
 
         set_activation_checkpointing(self.clip.model, checkpointing)
-        text_inputs = scoring.tokenize(self.clip.tokenizer, self.data.texts(scoring.DEFAULT_TEMPLATE), self.device)
+        text_inputs = self.family.tokenize(self.clip.tokenizer, self.data.texts(scoring.DEFAULT_TEMPLATE), self.device)
         # A random sample, not the first rows: a sorted image folder would give one class, and one text.
         order = np.random.default_rng(self.seed).permutation(self.num_examples)[:micro]
         idx = torch.as_tensor(order, device=self.device)
@@ -346,7 +344,7 @@ class LocalTrainer:
         received = {k: torch.as_tensor(v) for k, v in global_adapter.items()}
         set_adapter_state(self.model, received)
         device = self.device
-        text_inputs = scoring.tokenize(self.clip.tokenizer, self.data.texts(settings.prompt_template), device)
+        text_inputs = self.family.tokenize(self.clip.tokenizer, self.data.texts(settings.prompt_template), device)
         for name, param in self.model.named_parameters():
             if "lora_" in name:
                 param.requires_grad = all(hook.trains(name) for hook in hooks)

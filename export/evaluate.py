@@ -20,7 +20,7 @@ from export.quality import accuracy, top1_agreement
 from export.runtime import OnnxClip
 from export.zero_shot import ZeroShotHead, class_prompts
 from flora.data.datasets import pixel_values
-from flora.modeling import scoring
+from flora.modeling.families import CLIP, ModelFamily
 from flora.modeling.loading import LoadedClip
 
 
@@ -44,64 +44,86 @@ class TorchReference:
     image_embeds: np.ndarray
     text_embeds: np.ndarray
     logit_scale: float
+    logit_bias: float = 0.0  # SigLIP's; CLIP has none
 
     @property
     def logits(self) -> np.ndarray:
-        return self.logit_scale * self.image_embeds @ self.text_embeds.T
+        return self.logits_against(self.text_embeds)
+
+    def logits_against(self, text_embeds: np.ndarray) -> np.ndarray:
+        return self.logit_scale * self.image_embeds @ text_embeds.T + self.logit_bias
 
     @classmethod
     def compute(cls, clip: LoadedClip, data: ScoringSet, *, batch_size: int = 256) -> TorchReference:
         import torch
 
+        family = clip.family
         with torch.no_grad():
             # Preprocess a batch at a time: a large eval set as one pixel tensor would not fit in memory.
             images = [
-                scoring.image_embeddings(
-                    clip.model, pixel_values(clip.image_processor, data.images[i : i + batch_size])
-                )
+                family.image_embeddings(clip.model, pixel_values(clip.image_processor, data.images[i : i + batch_size]))
                 for i in range(0, len(data.images), batch_size)
             ]
-            scale = float(scoring.logit_scale(clip.model))
-        return cls(torch.cat(images).numpy(), torch_text_embeddings(clip, data.prompts), scale)
+            scale, bias = _logit_params(clip)
+        return cls(torch.cat(images).numpy(), torch_text_embeddings(clip, data.prompts), scale, bias)
 
     def head(self, data: ScoringSet, info: dict[str, Any] | None = None) -> ZeroShotHead:
         return ZeroShotHead(
-            list(data.class_names), self.text_embeds, self.logit_scale, data.prompt_template, info or {}
+            list(data.class_names),
+            self.text_embeds,
+            self.logit_scale,
+            data.prompt_template,
+            info or {},
+            self.logit_bias,
         )
+
+
+def _logit_params(clip: LoadedClip) -> tuple[float, float]:
+    """(exp'd logit scale, logit bias or 0.0) of the merged model, as plain floats."""
+    import torch
+
+    with torch.no_grad():
+        bias = clip.family.logit_bias(clip.model)
+        return float(clip.family.logit_scale(clip.model)), 0.0 if bias is None else float(bias)
 
 
 def torch_text_embeddings(clip: LoadedClip, prompts: Sequence[str]) -> np.ndarray:
     import torch
 
     with torch.no_grad():
-        return scoring.text_embeddings(clip.model, scoring.tokenize(clip.tokenizer, prompts)).numpy()
+        return clip.family.text_embeddings(clip.model, clip.family.tokenize(clip.tokenizer, prompts)).numpy()
 
 
 def build_head(clip: LoadedClip, labels: Sequence[str], template: str, info: dict[str, Any]) -> ZeroShotHead:
     """The zero-shot head of `labels`, embedded by the merged PyTorch model (the fp32 reference)."""
-    import torch
-
-    with torch.no_grad():
-        scale = float(scoring.logit_scale(clip.model))
+    scale, bias = _logit_params(clip)
     embeds = torch_text_embeddings(clip, class_prompts(labels, template))
-    return ZeroShotHead(list(labels), embeds, scale, template, info)
+    return ZeroShotHead(list(labels), embeds, scale, template, info, bias)
 
 
 def onnx_logits(
-    part: str, path: Path, staging: Path, data: ScoringSet, reference: TorchReference, max_text_length: int | None
+    part: str,
+    path: Path,
+    staging: Path,
+    data: ScoringSet,
+    reference: TorchReference,
+    max_text_length: int | None,
+    family: ModelFamily = CLIP,
 ) -> np.ndarray:
     """logits_per_image [images, classes] with `part` run by ONNX Runtime from `path`."""
     runner = OnnxClip(
         {part: path},
-        ImagePreprocessor.from_dir(staging),
+        ImagePreprocessor.from_dir(staging, family),
         logit_scale=reference.logit_scale,
+        logit_bias=reference.logit_bias,
+        family=family,
         tokenizer_dir=staging,
         max_text_length=max_text_length,
         head=reference.head(data) if part == "vision" else None,
         announce=False,
     )
     if part == "text":
-        return reference.logit_scale * reference.image_embeds @ runner.text_embeddings(data.prompts).T
+        return reference.logits_against(runner.text_embeddings(data.prompts))
     _, logits = runner.logits(data.images, data.class_names, data.prompt_template, batch_size=256)
     return logits
 

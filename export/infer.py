@@ -75,7 +75,7 @@ def classify(
                 errors.append({"image": str(path), "error": str(exc)})
         if not images:
             continue
-        logits = model.logit_scale * model.image_embeddings(images, batch_size=batch_size) @ text.T
+        logits = model.similarity(model.image_embeddings(images, batch_size=batch_size), text)
         scores = softmax(logits)
         for path, row in zip(batch_paths, scores):
             order = np.argsort(-row, kind="stable")[:k]

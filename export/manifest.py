@@ -30,6 +30,8 @@ class Manifest:
     max_text_length: int | None
     # files[part][precision] = {"file": ..., "bytes": ..., "passed": bool} (+ "int8_scheme" for int8)
     files: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    family: str = "clip"  # flora.modeling.families name: tokenizer padding, preprocessing defaults
+    logit_bias: float = 0.0  # added to every logit (SigLIP); exports before families had none
     zero_shot_head: str | None = None
     flora_version: str = ""
     report: dict[str, Any] = field(default_factory=dict)

@@ -77,9 +77,11 @@ def compare_merge_bases(
     }
     trained = training_time_model(adapter_dir, quantized)
 
+    whole_model_inputs = (*merged["original"].family.text_input_names, "pixel_values")
+
     def outputs(model):  # logits and both embeddings, flattened into one vector
         with torch.no_grad():
-            out = model(**{k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values")})
+            out = model(**{k: inputs[k] for k in whole_model_inputs})
         return torch.cat([out.logits_per_image.flatten(), out.text_embeds.flatten(), out.image_embeds.flatten()])
 
     reference = outputs(trained).float()

@@ -20,16 +20,17 @@ from typing import Any
 import numpy as np
 
 from export.metadata import export_metadata, file_sha256, stamp
-from export.parts import WHOLE_MODEL, OnnxPart
+from export.parts import WHOLE_MODEL, OnnxPart, get_part
 from export.providers import make_session
 from flora import __version__
 from flora.errors import FloraError
 from flora.files import atomic_path
+from flora.modeling.families import family_for
 
 log = logging.getLogger(__name__)
 
 OPSET = 17
-# Kept for callers of the first version of this module (whole model only).
+# Kept for callers of the first version of this module (whole CLIP model only).
 INPUT_NAMES = list(WHOLE_MODEL.inputs)
 OUTPUT_NAMES = list(WHOLE_MODEL.outputs)
 DYNAMIC_AXES = WHOLE_MODEL.dynamic_axes
@@ -86,31 +87,26 @@ class ValidationResult:
 
 
 def part_module(model: Any, part: OnnxPart):
+    """`part` of `model` as a module taking `part.inputs` positionally; embeddings as the family computes them."""
     import torch
 
-    def normalize(x):
-        return x / x.norm(p=2, dim=-1, keepdim=True)  # exactly what CLIPModel does to its embeds
+    family = family_for(model)
 
-    class WholeClip(torch.nn.Module):
-        def __init__(self, clip):
+    class Part(torch.nn.Module):
+        def __init__(self, wrapped):
             super().__init__()
-            self.clip = clip
+            self.wrapped = wrapped
 
-        def forward(self, input_ids, attention_mask, pixel_values):
-            out = self.clip(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values)
+        def forward(self, *args):
+            inputs = dict(zip(part.inputs, args))
+            if part.name == "vision":
+                return family.image_embeddings(self.wrapped, inputs["pixel_values"])
+            if part.name == "text":
+                return family.text_embeddings(self.wrapped, inputs)
+            out = self.wrapped(**inputs)
             return out.logits_per_image, out.logits_per_text, out.text_embeds, out.image_embeds
 
-    class VisionTower(WholeClip):
-        def forward(self, pixel_values):
-            return normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output)
-
-    class TextTower(WholeClip):
-        def forward(self, input_ids, attention_mask):
-            out = self.clip.get_text_features(input_ids=input_ids, attention_mask=attention_mask)
-            return normalize(out.pooler_output)
-
-    wrapper = {"model": WholeClip, "vision": VisionTower, "text": TextTower}[part.name]
-    return wrapper(model).eval()
+    return Part(model).eval()
 
 
 def export_part(
@@ -147,7 +143,7 @@ def export_clip(
     model: Any, sample: dict[str, Any], path: str | Path, *, metadata: dict[str, str] | None = None
 ) -> Path:
     """Write the whole CLIP model to `path` (a .onnx file), with metadata in the model's properties."""
-    return export_part(model, WHOLE_MODEL, sample, path, metadata=metadata)
+    return export_part(model, get_part("model", family_for(model)), sample, path, metadata=metadata)
 
 
 # -- validation --------------------------------------------------------------------------------
@@ -228,4 +224,4 @@ def validate_export(
     model: Any, onnx_path: str | Path, inputs: dict[str, Any], *, tolerance: float = 1e-4
 ) -> ValidationResult:
     """The whole model: run the same inputs through PyTorch and ONNX Runtime and compare every output."""
-    return validate_part(model, WHOLE_MODEL, onnx_path, inputs, tolerance=tolerance)
+    return validate_part(model, get_part("model", family_for(model)), onnx_path, inputs, tolerance=tolerance)

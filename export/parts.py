@@ -2,8 +2,9 @@
 
 Like optimum's OnnxConfig, an export is described by data rather than by code paths, so the
 exporter, the validator, the quantizer and the torch-free runtime all read the same table.
-Names follow the Hugging Face / optimum conventions. This module imports nothing heavy: the
-inference path (`flora infer`) reads it without PyTorch installed.
+Names follow the Hugging Face / optimum conventions. Each model family describes its parts
+(SigLIP's text side takes no attention mask); `parts_for(family)` turns that into OnnxParts. This
+module imports nothing heavy: the inference path (`flora infer`) reads it without PyTorch installed.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flora.errors import ConfigError
+from flora.modeling.families import CLIP, ModelFamily
 
 PRECISIONS = ("fp32", "fp16", "int8")
 
@@ -38,49 +40,22 @@ class OnnxPart:
         return "pixel_values" in self.inputs
 
 
-_TEXT_AXES = {"input_ids": {0: "text_batch", 1: "sequence"}, "attention_mask": {0: "text_batch", 1: "sequence"}}
-_IMAGE_AXES = {"pixel_values": {0: "image_batch"}}
-
-WHOLE_MODEL = OnnxPart(
-    name="model",
-    stem="model",
-    inputs=("input_ids", "attention_mask", "pixel_values"),
-    outputs=("logits_per_image", "logits_per_text", "text_embeds", "image_embeds"),
-    dynamic_axes={
-        **_TEXT_AXES,
-        **_IMAGE_AXES,
-        "logits_per_image": {0: "image_batch", 1: "text_batch"},
-        "logits_per_text": {0: "text_batch", 1: "image_batch"},
-        "text_embeds": {0: "text_batch"},
-        "image_embeds": {0: "image_batch"},
-    },
-    description="the whole CLIPModel: both towers and the scaled similarity logits",
-)
-VISION_TOWER = OnnxPart(
-    name="vision",
-    stem="vision_model",
-    inputs=("pixel_values",),
-    outputs=("image_embeds",),
-    dynamic_axes={**_IMAGE_AXES, "image_embeds": {0: "image_batch"}},
-    description="image tower + visual projection, L2-normalised (CLIPModel's image_embeds)",
-)
-TEXT_TOWER = OnnxPart(
-    name="text",
-    stem="text_model",
-    inputs=("input_ids", "attention_mask"),
-    outputs=("text_embeds",),
-    dynamic_axes={**_TEXT_AXES, "text_embeds": {0: "text_batch"}},
-    description="text tower + text projection, L2-normalised (CLIPModel's text_embeds)",
-)
-
-PARTS: dict[str, OnnxPart] = {part.name: part for part in (WHOLE_MODEL, VISION_TOWER, TEXT_TOWER)}
+def parts_for(family: ModelFamily) -> dict[str, OnnxPart]:
+    """The exportable parts of `family`'s models, by name (model, vision, text)."""
+    return {spec["name"]: OnnxPart(**spec) for spec in family.onnx_parts()}
 
 
-def get_part(name: str) -> OnnxPart:
+# CLIP's parts. Every family offers the same part names, so these also list what --parts accepts.
+PARTS: dict[str, OnnxPart] = parts_for(CLIP)
+WHOLE_MODEL, VISION_TOWER, TEXT_TOWER = PARTS["model"], PARTS["vision"], PARTS["text"]
+
+
+def get_part(name: str, family: ModelFamily = CLIP) -> OnnxPart:
+    parts = parts_for(family)
     try:
-        return PARTS[name]
+        return parts[name]
     except KeyError:
-        raise ConfigError(f"unknown part {name!r}; choose from: {', '.join(PARTS)}") from None
+        raise ConfigError(f"unknown part {name!r}; choose from: {', '.join(parts)}") from None
 
 
 def check_precision(precision: str) -> str:

@@ -113,7 +113,7 @@ def export_and_validate(
     try:
         clip.processor.save_pretrained(staging)  # tokenizer + image processor beside the models
         run = _PartExporter(clip, staging, metadata, checks, data, evaluate.TorchReference.compute(clip, data), limits)
-        records = [record for name in parts for record in run.all_precisions(get_part(name), precisions)]
+        records = [record for name in parts for record in run.all_precisions(get_part(name, clip.family), precisions)]
         head_file = None
         if head_labels:
             info = {k: metadata[k] for k in ("base_model", "adapter_sha256", "recipe", "merge_base")}
@@ -184,7 +184,9 @@ class _PartExporter:
         """Validate against PyTorch, score on the scoring set (agreement with fp32 when it is given), time it."""
         record = self.validate(part, precision, path, torch_refs)
         max_len = self.clip.model.config.text_config.max_position_embeddings
-        logits = evaluate.onnx_logits(part.name, path, self.staging, self.data, self.reference, max_len)
+        logits = evaluate.onnx_logits(
+            part.name, path, self.staging, self.data, self.reference, max_len, self.clip.family
+        )
         record["test"] = evaluate.score(logits, self.data, fp32_logits=fp32_logits, torch_logits=self.reference.logits)
         record["latency_ms_batch1_cpu"] = self.latency(part, path)
         return record, logits
@@ -331,6 +333,8 @@ def _manifest(clip, metadata, template, reference, records, head_file, result) -
         merge_base=metadata["merge_base"],
         prompt_template=template,
         logit_scale=reference.logit_scale,
+        logit_bias=reference.logit_bias,
+        family=clip.family.name,
         max_text_length=clip.model.config.text_config.max_position_embeddings,
         files=files,
         zero_shot_head=head_file,

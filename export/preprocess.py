@@ -1,11 +1,12 @@
-"""CLIP image preprocessing in NumPy and Pillow, read from the processor file `save_pretrained` wrote.
+"""Image preprocessing in NumPy and Pillow, read from the processor file `save_pretrained` wrote.
 
-A device running `flora infer` has no transformers, so the steps of transformers'
-CLIPImageProcessorPil are reimplemented here in the same order and with the same arithmetic:
+A device running `flora infer` has no transformers, so the steps of transformers' image processors
+(CLIPImageProcessorPil, SiglipImageProcessorPil) are reimplemented here in the same order and with the same arithmetic:
 convert to RGB (transparency composited onto white), resize the shortest edge (Pillow, bicubic),
 center crop (zero padding if the image is smaller), rescale in float64 then cast to float32,
-normalise in float32, channels first. Done this way the result matches transformers bit for bit
-on the images we test; tests/test_infer_preprocess.py holds it to that.
+normalise in float32, channels first. Keys a saved config leaves out take the model family's
+defaults (CLIP: shortest edge + center crop; SigLIP: a square resize, no crop). Done this way
+the result matches transformers bit for bit on the images we test; tests/test_infer_preprocess.py holds it to that.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from flora.errors import ConfigError
+from flora.modeling.families import CLIP, ModelFamily, family_for, get_family
 
-# transformers' CLIPImageProcessor defaults, used for any key a config leaves out.
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+OPENAI_CLIP_MEAN = tuple(CLIP.preprocessing_defaults["image_mean"])
+OPENAI_CLIP_STD = tuple(CLIP.preprocessing_defaults["image_std"])
 PIL_BICUBIC = 3
 
 
@@ -43,22 +44,34 @@ class ImagePreprocessor:
     do_normalize: bool = True
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path) -> ImagePreprocessor:
-        """Read processor_config.json (transformers 5) or preprocessor_config.json (older checkpoints)."""
+    def from_dir(cls, model_dir: str | Path, family: ModelFamily | str | None = None) -> ImagePreprocessor:
+        """Read processor_config.json (transformers 5) or preprocessor_config.json (older checkpoints).
+
+        `family` supplies defaults for missing keys: by default the checkpoint's (its config.json), else CLIP's.
+        """
         model_dir = Path(model_dir)
+        if isinstance(family, str):
+            family = get_family(family)
+        elif family is None:
+            family = family_for(model_dir) if (model_dir / "config.json").is_file() else CLIP
         combined, legacy = model_dir / "processor_config.json", model_dir / "preprocessor_config.json"
         if combined.is_file() and "image_processor" in (data := json.loads(combined.read_text())):
-            return cls.from_config(data["image_processor"])
+            return cls.from_config(data["image_processor"], family)
         if legacy.is_file():
-            return cls.from_config(json.loads(legacy.read_text()))
+            return cls.from_config(json.loads(legacy.read_text()), family)
         raise ConfigError(
             f"{model_dir} has no image processor settings (processor_config.json or preprocessor_config.json); "
             "point --model at a directory written by `flora export`, which saves them beside the ONNX files"
         )
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> ImagePreprocessor:
-        size, crop = cfg.get("size", {"shortest_edge": 224}), cfg.get("crop_size", {"height": 224, "width": 224})
+    def from_config(cls, cfg: dict[str, Any], family: ModelFamily = CLIP) -> ImagePreprocessor:
+        cfg = {**family.preprocessing_defaults, **{k: v for k, v in cfg.items() if v is not None}}
+        size = cfg["size"]
+        if isinstance(size, dict) and {"height", "width"} <= set(size):
+            crop = cfg.get("crop_size") or {"height": size["height"], "width": size["width"]}
+        else:
+            crop = cfg.get("crop_size") or {"height": 224, "width": 224}
         if isinstance(size, int):  # legacy configs: an int means the shortest edge, as transformers reads it
             size = {"shortest_edge": size}
         if isinstance(crop, int):
@@ -69,7 +82,7 @@ class ImagePreprocessor:
             resize = {"resize_shortest_edge": None, "resize_height": size["height"], "resize_width": size["width"]}
         else:
             raise ConfigError(f"unsupported image processor size {size!r}: expected shortest_edge or height/width")
-        mean, std = cfg.get("image_mean", OPENAI_CLIP_MEAN), cfg.get("image_std", OPENAI_CLIP_STD)
+        mean, std = cfg["image_mean"], cfg["image_std"]
         return cls(
             **resize,
             resample=int(cfg.get("resample", PIL_BICUBIC)),

@@ -1,4 +1,4 @@
-"""Zero-shot CLIP with ONNX Runtime alone: NumPy, Pillow, tokenizers, onnxruntime. No PyTorch.
+"""Zero-shot CLIP/SigLIP with ONNX Runtime alone: NumPy, Pillow, tokenizers, onnxruntime. No PyTorch.
 
 `OnnxClip` runs whatever parts an export holds: image embeddings come from the vision tower
 when present (else the whole model), text embeddings from the text tower (else the whole
@@ -22,6 +22,7 @@ from export.providers import make_session
 from export.tokenizer import ClipTokenizer
 from export.zero_shot import ZeroShotHead, class_prompts, l2_normalize
 from flora.errors import ConfigError
+from flora.modeling.families import CLIP, ModelFamily, get_family
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,8 @@ class OnnxClip:
         preprocessor: ImagePreprocessor,
         *,
         logit_scale: float,
+        logit_bias: float = 0.0,
+        family: ModelFamily = CLIP,
         tokenizer_dir: str | Path | None = None,
         max_text_length: int | None = None,
         head: ZeroShotHead | None = None,
@@ -45,6 +48,7 @@ class OnnxClip:
             raise ConfigError("no ONNX files to run")
         self.files = {part: Path(path) for part, path in files.items()}
         self.preprocess, self.logit_scale, self.head = preprocessor, float(logit_scale), head
+        self.logit_bias, self.family = float(logit_bias), family
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else None
         self.max_text_length = max_text_length
         self.provider_requested, self.threads = provider, threads
@@ -81,6 +85,7 @@ class OnnxClip:
             raise ConfigError(
                 f"files listed in {model_dir}'s manifest are missing: {missing}; copy the whole directory"
             )
+        family = get_family(manifest.family)
         head = None
         if manifest.zero_shot_head:
             head_path = model_dir / manifest.zero_shot_head
@@ -91,8 +96,10 @@ class OnnxClip:
             head = ZeroShotHead.load(head_path)
         return cls(
             files,
-            ImagePreprocessor.from_dir(model_dir),
+            ImagePreprocessor.from_dir(model_dir, family),
             logit_scale=manifest.logit_scale,
+            logit_bias=manifest.logit_bias,
+            family=family,
             tokenizer_dir=model_dir,
             max_text_length=manifest.max_text_length,
             head=head,
@@ -127,7 +134,9 @@ class OnnxClip:
         if self._tokenizer is None:
             if self.tokenizer_dir is None:
                 raise ConfigError("this model has no tokenizer; it can only classify with its zero-shot head")
-            self._tokenizer = ClipTokenizer(self.tokenizer_dir, max_length=self.max_text_length)
+            self._tokenizer = ClipTokenizer(
+                self.tokenizer_dir, max_length=self.max_text_length, padding=self.family.text_padding
+            )
         return self._tokenizer
 
     # -- embeddings -----------------------------------------------------------------------
@@ -142,7 +151,7 @@ class OnnxClip:
             feeds = {"pixel_values": self.preprocess(images[start : start + batch_size])}
             if part == "model":  # the whole model needs some text too; one short prompt costs little
                 feeds.update(self.tokenizer(["a photo."]))
-            (embeds,) = self.session(part).run(["image_embeds"], feeds)
+            (embeds,) = self.session(part).run(["image_embeds"], self._inputs_of(part, feeds))
             chunks.append(embeds)
         return l2_normalize(np.concatenate(chunks))  # re-normalise: fp16/int8 graphs drift slightly
 
@@ -155,10 +164,18 @@ class OnnxClip:
             )
         feeds = dict(self.tokenizer(prompts))
         if part == "model":  # the whole model needs an image too; one blank image costs little
-            p = self.preprocess
-            feeds["pixel_values"] = np.zeros((1, 3, p.crop_height, p.crop_width), dtype=np.float32)
-        (embeds,) = self.session(part).run(["text_embeds"], feeds)
+            feeds["pixel_values"] = self.preprocess([_blank_image(self.preprocess)])
+        (embeds,) = self.session(part).run(["text_embeds"], self._inputs_of(part, feeds))
         return l2_normalize(embeds)
+
+    def _inputs_of(self, part: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The feeds the part's graph declares (SigLIP's text side takes no attention mask)."""
+        names = {i.name for i in self.session(part).get_inputs()}
+        return {k: v for k, v in feeds.items() if k in names}
+
+    def similarity(self, image_embeds: np.ndarray, text_embeds: np.ndarray) -> np.ndarray:
+        """logits_per_image as the model computes them: scale * cosine (+ the family's bias)."""
+        return self.logit_scale * image_embeds @ text_embeds.T + self.logit_bias
 
     def label_embeddings(self, labels: Sequence[str] | None, template: str | None) -> tuple[list[str], np.ndarray]:
         """Text embeddings for `labels`, from the zero-shot head when it holds exactly these labels."""
@@ -182,4 +199,10 @@ class OnnxClip:
     ) -> tuple[list[str], np.ndarray]:
         """CLIPModel's logits_per_image [N, num_labels], and the labels in column order."""
         labels, text = self.label_embeddings(labels, template)
-        return labels, self.logit_scale * self.image_embeddings(images, batch_size=batch_size) @ text.T
+        return labels, self.similarity(self.image_embeddings(images, batch_size=batch_size), text)
+
+
+def _blank_image(preprocess: ImagePreprocessor) -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (preprocess.crop_width, preprocess.crop_height))

@@ -1,9 +1,10 @@
-"""CLIP tokenization with the `tokenizers` library alone, from the tokenizer.json `save_pretrained` wrote.
+"""Tokenization with the `tokenizers` library alone, from the tokenizer.json `save_pretrained` wrote.
 
-tokenizer.json carries the BPE model and the pre/post-processing but not transformers' call
-options, so padding (with the checkpoint's pad token, to the longest prompt) and truncation
-(to what the text tower's position embeddings allow) are configured here to give the same ids
-and attention mask as `tokenizer(texts, padding=True, truncation=True)`.
+tokenizer.json carries the model and the pre/post-processing but not transformers' call options,
+so padding (with the checkpoint's pad token: to the longest prompt, or to the full length for a
+family whose `text_padding` is "max_length", as SigLIP's) and truncation (to what the text tower's
+position embeddings allow) are configured here to give the same ids and attention mask as the
+family's `tokenize`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from flora.errors import ConfigError
 
 
 class ClipTokenizer:
-    def __init__(self, model_dir: str | Path, *, max_length: int | None = None):
+    def __init__(self, model_dir: str | Path, *, max_length: int | None = None, padding: str = "longest"):
         from tokenizers import Tokenizer
 
         model_dir = Path(model_dir)
@@ -34,10 +35,13 @@ class ClipTokenizer:
         pad_id = self.tokenizer.token_to_id(pad_token)
         if pad_id is None:
             raise ConfigError(f"pad token {pad_token!r} of tokenizer_config.json is not in {path}'s vocabulary")
-        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
         model_max = settings.get("model_max_length")
         limits = [n for n in (max_length, model_max) if isinstance(n, int) and 0 < n < 1_000_000]
         self.max_length = min(limits) if limits else None
+        if padding == "max_length" and self.max_length is None:
+            raise ConfigError(f"{model_dir}: padding to max_length needs a model_max_length in tokenizer_config.json")
+        fixed = self.max_length if padding == "max_length" else None
+        self.tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token, length=fixed)
         if self.max_length is not None:
             self.tokenizer.enable_truncation(self.max_length)
         else:

@@ -2,7 +2,8 @@
 
 Stored as one .npz (no pickle: labels are a unicode array, settings a JSON string) holding
 `embeddings` [num_labels, dim] (L2-normalised float32), `logit_scale` (already exp()'d, as
-CLIPModel multiplies by it), `labels` and the prompt template they were made with.
+CLIPModel multiplies by it), `logit_bias` (SigLIP's; 0 for CLIP), `labels` and the prompt template
+they were made with.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ZeroShotHead:
     logit_scale: float
     prompt_template: str
     info: dict[str, Any] = field(default_factory=dict)  # provenance: base model, adapter sha256, ...
+    logit_bias: float = 0.0  # added to every logit (SigLIP); CLIP has none
 
     def __post_init__(self):
         self.embeddings = np.asarray(self.embeddings, dtype=np.float32)
@@ -38,8 +40,8 @@ class ZeroShotHead:
             )
 
     def logits(self, image_embeds: np.ndarray) -> np.ndarray:
-        """CLIPModel's logits_per_image for these labels: scale * cosine similarity."""
-        return self.logit_scale * np.asarray(image_embeds, dtype=np.float32) @ self.embeddings.T
+        """The model's logits_per_image for these labels: scale * cosine similarity (+ bias)."""
+        return self.logit_scale * np.asarray(image_embeds, dtype=np.float32) @ self.embeddings.T + self.logit_bias
 
     def save(self, path: str | Path) -> Path:
         buffer = io.BytesIO()
@@ -47,6 +49,7 @@ class ZeroShotHead:
             buffer,
             embeddings=self.embeddings,
             logit_scale=np.float32(self.logit_scale),
+            logit_bias=np.float32(self.logit_bias),
             labels=np.asarray(self.labels, dtype=str),
             settings=np.asarray(json.dumps({"prompt_template": self.prompt_template, **self.info})),
         )
@@ -64,6 +67,7 @@ class ZeroShotHead:
                     logit_scale=float(data["logit_scale"]),
                     prompt_template=settings.pop("prompt_template"),
                     info=settings,
+                    logit_bias=float(data["logit_bias"]) if "logit_bias" in data.files else 0.0,  # older heads
                 )
         except (OSError, KeyError, ValueError) as exc:
             raise ConfigError(f"{path} is not a zero-shot head written by `flora export`: {exc}") from None

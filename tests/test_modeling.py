@@ -34,7 +34,7 @@ def test_paper_recipe_targets_only_text_out_proj(tiny_model_dir):
 def test_unknown_recipe_and_missing_checkpoint_are_clear(tmp_path):
     with pytest.raises(ConfigError, match="choose one of"):
         get_recipe("huge")
-    with pytest.raises(ConfigError, match="cannot load CLIP checkpoint"):
+    with pytest.raises(ConfigError, match="cannot load checkpoint"):
         load_clip(tmp_path / "no-model-here")
 
 

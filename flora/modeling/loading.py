@@ -1,4 +1,8 @@
-"""Load any Hugging Face CLIPModel checkpoint (hub id or local directory), optionally quantized."""
+"""Load a checkpoint of any registered model family (hub id or local directory), optionally quantized.
+
+The family (CLIP, SigLIP, ...) is detected from the checkpoint's config `model_type` and stays reachable
+as `loaded.family`: every later step (scoring, training, caching, export) asks it what differs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.errors import ConfigError
+from flora.modeling.families import CLIP, ModelFamily, family_for
 
 log = logging.getLogger(__name__)
 
@@ -16,13 +21,14 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass
-class LoadedClip:
-    model: Any  # transformers.CLIPModel (possibly with bitsandbytes layers)
-    processor: Any  # transformers.CLIPProcessor: tokenizer + image processor
+class LoadedModel:
+    model: Any  # the family's transformers model, e.g. CLIPModel (possibly with bitsandbytes layers)
+    processor: Any  # the family's processor: tokenizer + image processor
     name_or_path: str
     quantization: str
     device: str
     compute_dtype: str = "float32"  # bitsandbytes' compute dtype, or the weights' dtype when not quantized
+    family: ModelFamily = CLIP
 
     @property
     def tokenizer(self):
@@ -31,6 +37,9 @@ class LoadedClip:
     @property
     def image_processor(self):
         return self.processor.image_processor
+
+
+LoadedClip = LoadedModel  # the name most of the toolkit was written against
 
 
 def resolve_device(device: str) -> str:
@@ -71,18 +80,17 @@ def quantization_config(quantization: str, compute_dtype: str = "float32"):
     )
 
 
-def load_clip(
+def load_model(
     name_or_path: str | Path,
     *,
     quantization: str = "none",
     compute_dtype: str = "float32",
     device: str = "cpu",
-) -> LoadedClip:
+) -> LoadedModel:
     """Load model and processor through `from_pretrained`, the same path for hub ids and local dirs."""
-    from transformers import AutoProcessor, CLIPModel
-
     device = resolve_device(device)
     name = str(name_or_path)
+    family = family_for(name)
     quant = quantization_config(quantization, compute_dtype)
     kwargs: dict[str, Any] = {}
     if quant is not None:
@@ -91,11 +99,10 @@ def load_clip(
     elif compute_dtype != "float32":
         kwargs["dtype"] = _torch_dtype(compute_dtype)
     try:
-        model = CLIPModel.from_pretrained(name, **kwargs)
-        processor = AutoProcessor.from_pretrained(name)
+        model, processor = family.from_pretrained(name, **kwargs)
     except OSError as exc:
         raise ConfigError(
-            f"cannot load CLIP checkpoint {name!r}: {exc}. Pass a local directory written by "
+            f"cannot load checkpoint {name!r} ({family.name}): {exc}. Pass a local directory written by "
             "save_pretrained, or a hub id reachable from this machine."
         ) from None
     if quant is None:
@@ -105,12 +112,16 @@ def load_clip(
 
         release_checkpoint_file(model)  # else the full-precision file stays mapped and resident
     model.eval()
-    log.info("loaded %s (quantization=%s, device=%s)", name, quantization, device)
-    return LoadedClip(
+    log.info("loaded %s %s (quantization=%s, device=%s)", family.name, name, quantization, device)
+    return LoadedModel(
         model=model,
         processor=processor,
         name_or_path=name,
         quantization=quantization,
         device=device,
         compute_dtype=compute_dtype,
+        family=family,
     )
+
+
+load_clip = load_model  # the name most of the toolkit was written against

@@ -12,9 +12,8 @@ import re
 from flora.config import field
 from flora.errors import ConfigError
 
-TEXT_OUT_PROJ = r".*text_model\.encoder\.layers\.\d+\.self_attn\.out_proj"
-TEXT_ATTENTION_AND_MLP = r".*text_model\.encoder\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.fc\d)"
-VISION_ATTENTION = r".*vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|v_proj|out_proj)"
+# The built-in recipes' targets: module names CLIP and SigLIP share (families.base.ModelFamily.recipe_targets).
+from flora.modeling.families.base import TEXT_ATTENTION_AND_MLP, TEXT_OUT_PROJ, VISION_ATTENTION
 
 
 @dataclasses.dataclass(frozen=True)

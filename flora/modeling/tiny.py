@@ -134,3 +134,7 @@ def write_tiny_clip(
     processor.save_pretrained(tmp)
     tmp.replace(out)  # a half-written checkpoint never carries the final name
     return out
+
+
+# SigLIP's tiny checkpoint is written by its family module, beside its other SigLIP specifics.
+from flora.modeling.families.siglip import write_tiny_siglip  # noqa: E402, F401
