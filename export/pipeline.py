@@ -34,6 +34,7 @@ from export.parts import PARTS, PRECISIONS, OnnxPart, get_part, parse_list
 from export.providers import make_session
 from export.quality import accuracy, median_latency_ms
 from export.quantize import INT8_SCHEMES, check_int8_mode, make_precision
+from export.records import ExportRecord, ExportResult
 from export.zero_shot import HEAD_FILE
 from flora import __version__
 from flora.data.datasets import LabeledImages
@@ -79,7 +80,7 @@ def export_and_validate(
     fp16_tolerance: float = 1e-2,
     latency_repeats: int = 10,
     int8_scheme: str = "auto",
-) -> dict[str, Any]:
+) -> ExportResult:
     """Export the merged model; raise ExportValidationError if an fp32 or fp16 file disagrees with PyTorch.
 
     int8 has no elementwise bound (dynamic quantization moves values by design): it is judged, as
@@ -124,10 +125,10 @@ def export_and_validate(
         _install(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if result["ok"]:
-        log.info("exported %s: every check passed (max abs diff %.2e)", out_dir, result["max_abs_diff"])
+    if result.ok:
+        log.info("exported %s: every check passed (max abs diff %.2e)", out_dir, result.max_abs_diff)
     else:
-        log.warning("exported %s with problems: %s", out_dir, "; ".join(result["problems"]))
+        log.warning("exported %s with problems: %s", out_dir, "; ".join(result.problems))
     return result
 
 
@@ -151,7 +152,7 @@ class _PartExporter:
     reference: evaluate.TorchReference
     limits: Limits
 
-    def all_precisions(self, part: OnnxPart, precisions: Sequence[str]) -> list[dict[str, Any]]:
+    def all_precisions(self, part: OnnxPart, precisions: Sequence[str]) -> list[ExportRecord]:
         sample = trace_sample(self.clip, self.data.prompts, self.data.images[:4])
         fp32_path = export_part(
             self.clip.model, part, sample, self.staging / part.filename("fp32"), metadata=self.metadata
@@ -166,32 +167,34 @@ class _PartExporter:
                 path = make_precision(precision, fp32_path, self.staging / part.filename(precision), self.metadata)
                 records.append(self.judge_agreement(self.score(part, precision, path, torch_refs, fp32_logits)[0]))
         for record in records:
-            reference = "PyTorch" if record["precision"] == "fp32" else "fp32"
+            reference = "PyTorch" if record.precision == "fp32" else "fp32"
             log.log(
-                logging.INFO if record["passed"] else logging.WARNING,
+                logging.INFO if record.passed else logging.WARNING,
                 "%s: %.2f MB, %.2f ms per call (batch 1, CPU), top-1 agreement with %s %.1f%%%s%s",
-                record["file"],
-                record["bytes"] / 1e6,
-                record["latency_ms_batch1_cpu"],
+                record.file,
+                record.bytes / 1e6,
+                record.latency_ms_batch1_cpu,
                 reference,
-                100 * record["test"][f"agreement_with_{reference.lower()}"],
-                f" (int8 scheme {record['int8_scheme']})" if "int8_scheme" in record else "",
-                "" if record["passed"] else " (BELOW THRESHOLD)",
+                100 * record.agreement(reference.lower()),
+                f" (int8 scheme {record.int8_scheme})" if record.int8_scheme else "",
+                "" if record.passed else " (BELOW THRESHOLD)",
             )
         return records
 
-    def score(self, part: OnnxPart, precision: str, path: Path, torch_refs, fp32_logits) -> tuple[dict, np.ndarray]:
+    def score(
+        self, part: OnnxPart, precision: str, path: Path, torch_refs, fp32_logits
+    ) -> tuple[ExportRecord, np.ndarray]:
         """Validate against PyTorch, score on the scoring set (agreement with fp32 when it is given), time it."""
         record = self.validate(part, precision, path, torch_refs)
         max_len = self.clip.model.config.text_config.max_position_embeddings
         logits = evaluate.onnx_logits(
             part.name, path, self.staging, self.data, self.reference, max_len, self.clip.family
         )
-        record["test"] = evaluate.score(logits, self.data, fp32_logits=fp32_logits, torch_logits=self.reference.logits)
-        record["latency_ms_batch1_cpu"] = self.latency(part, path)
+        record.test = evaluate.score(logits, self.data, fp32_logits=fp32_logits, torch_logits=self.reference.logits)
+        record.latency_ms_batch1_cpu = self.latency(part, path)
         return record, logits
 
-    def int8(self, part: OnnxPart, fp32_path: Path, torch_refs, fp32_logits: np.ndarray) -> dict[str, Any]:
+    def int8(self, part: OnnxPart, fp32_path: Path, torch_refs, fp32_logits: np.ndarray) -> ExportRecord:
         """Quantize with each scheme in turn (auto) until one meets the agreement threshold.
 
         The one kept is the first that passes, else the one that agreed best (ties: the faster);
@@ -202,7 +205,7 @@ class _PartExporter:
         schemes = list(INT8_SCHEMES) if mode == "auto" else [mode]
         final = self.staging / part.filename("int8")
         attempts: list[dict[str, Any]] = []
-        best: tuple[dict[str, Any], Path, str] | None = None
+        best: tuple[ExportRecord, Path, str] | None = None
         for scheme in schemes:
             try:
                 path = make_precision(
@@ -215,20 +218,20 @@ class _PartExporter:
                 attempts.append({"scheme": scheme, "error": str(exc)})
                 continue
             record, _ = self.score(part, "int8", path, torch_refs, fp32_logits)
-            record["file"] = final.name
+            record.file = final.name
             self.judge_agreement(record)
-            agreement = record["test"]["agreement_with_fp32"]
+            agreement = record.agreement("fp32")
             attempts.append(
                 {
                     "scheme": scheme,
                     "agreement_with_fp32": agreement,
-                    "bytes": record["bytes"],
-                    "latency_ms_batch1_cpu": record["latency_ms_batch1_cpu"],
+                    "bytes": record.bytes,
+                    "latency_ms_batch1_cpu": record.latency_ms_batch1_cpu,
                 }
             )
-            if best is None or agreement > best[0]["test"]["agreement_with_fp32"]:
+            if best is None or agreement > best[0].agreement("fp32"):
                 best = (record, path, scheme)
-            if record["passed"]:
+            if record.passed:
                 break
             if scheme != schemes[-1]:
                 log.info(
@@ -244,15 +247,14 @@ class _PartExporter:
         os.replace(path, final)
         for leftover in final.parent.glob(f".*.{final.name}"):
             leftover.unlink()
-        record["int8_scheme"], record["int8_attempts"] = scheme, attempts
-        if not record["passed"] and len(attempts) > 1:
-            record["problem"] += f" (kept {scheme}, the closest of the int8 schemes tried: {', '.join(schemes)})"
+        record.int8_scheme, record.int8_attempts = scheme, attempts
+        if not record.passed and len(attempts) > 1:
+            record.problem += f" (kept {scheme}, the closest of the int8 schemes tried: {', '.join(schemes)})"
         return record
 
-    def validate(self, part: OnnxPart, precision: str, path: Path, torch_refs) -> dict[str, Any]:
+    def validate(self, part: OnnxPart, precision: str, path: Path, torch_refs) -> ExportRecord:
         """Compare with PyTorch on each input set; fp32 and fp16 raise past their bounds, int8 is reported."""
-        record: dict[str, Any] = {"part": part.name, "precision": precision, "file": path.name}
-        record["bytes"], record["validation"] = path.stat().st_size, {}
+        record = ExportRecord(part=part.name, precision=precision, file=path.name, bytes=path.stat().st_size)
         for name, inputs in self.checks.items():
             stats = compare_outputs(torch_refs[name], onnx_outputs(path, part, inputs))
             if precision == "fp32":
@@ -266,16 +268,15 @@ class _PartExporter:
                 result = summarize(stats, tolerance=float("inf"))
             if precision != "int8":
                 raise_unless_ok(result, f"{path.name} on {name} inputs")
-            record["validation"][name] = result.to_dict()
-        record["passed"], record["problem"] = True, None
+            record.validation[name] = result.to_dict()
         return record
 
-    def judge_agreement(self, record: dict[str, Any]) -> dict[str, Any]:
-        agreement, threshold = record["test"]["agreement_with_fp32"], self.limits.agreement_threshold
+    def judge_agreement(self, record: ExportRecord) -> ExportRecord:
+        agreement, threshold = record.agreement("fp32"), self.limits.agreement_threshold
         if agreement < threshold:
-            record["passed"] = False
-            record["problem"] = (
-                f"{record['file']}: top-1 agreement with fp32 is {agreement:.1%}, below the {threshold:.0%} "
+            record.passed = False
+            record.problem = (
+                f"{record.file}: top-1 agreement with fp32 is {agreement:.1%}, below the {threshold:.0%} "
                 f"threshold on {self.data.description}; deploy the fp32 file instead, or accept the loss knowingly"
             )
         return record
@@ -288,43 +289,42 @@ class _PartExporter:
         return median_latency_ms(lambda: session.run(None, feeds), repeats=self.limits.latency_repeats)
 
 
-def _result(records, parts, limits, eval_data, reference, merge_report, head_file, out_dir) -> dict[str, Any]:
-    fp32 = [r for r in records if r["precision"] == "fp32"]
-    primary = next(r for r in fp32 if r["part"] == parts[0])
-    validations = [v for r in fp32 for v in r["validation"].values()]
-    result: dict[str, Any] = {
-        "path": str(out_dir / primary["file"]),
-        "bytes": primary["bytes"],
-        "max_abs_diff": max(v["max_abs_diff"] for v in validations),
-        "min_cosine": min(v["min_cosine"] for v in validations),
-        "tolerance": limits.tolerance,
-        "agreement_threshold": limits.agreement_threshold,
-        "out_dir": str(out_dir),
-        "manifest": str(out_dir / MANIFEST_FILE),
-        "exports": records,
-        "merge_base": merge_report,
-        "zero_shot_head": str(out_dir / head_file) if head_file else None,
-    }
+def _result(records, parts, limits, eval_data, reference, merge_report, head_file, out_dir) -> ExportResult:
+    fp32 = [r for r in records if r.precision == "fp32"]
+    primary = next(r for r in fp32 if r.part == parts[0])
+    validations = [v for r in fp32 for v in r.validation.values()]
+    scored = {}
     if eval_data is not None:
-        result.update(
-            onnxruntime_accuracy=primary["test"]["accuracy"],
+        scored = dict(
+            onnxruntime_accuracy=primary.test["accuracy"],
             pytorch_accuracy=accuracy(reference.logits, eval_data.labels),
-            test_max_abs_diff=max(r["test"]["max_abs_diff_vs_pytorch"] for r in fp32),
+            test_max_abs_diff=max(r.test["max_abs_diff_vs_pytorch"] for r in fp32),
             test_examples=len(eval_data),
         )
-    result["problems"] = [r["problem"] for r in records if r["problem"]]
-    result["ok"] = not result["problems"]
-    return result
+    return ExportResult(
+        path=str(out_dir / primary.file),
+        bytes=primary.bytes,
+        max_abs_diff=max(v["max_abs_diff"] for v in validations),
+        min_cosine=min(v["min_cosine"] for v in validations),
+        tolerance=limits.tolerance,
+        agreement_threshold=limits.agreement_threshold,
+        out_dir=str(out_dir),
+        manifest=str(out_dir / MANIFEST_FILE),
+        exports=records,
+        merge_base=merge_report,
+        zero_shot_head=str(out_dir / head_file) if head_file else None,
+        **scored,
+    )
 
 
 def _manifest(clip, metadata, template, reference, records, head_file, result) -> Manifest:
     files: dict[str, dict[str, dict[str, Any]]] = {}
     for r in records:
-        files.setdefault(r["part"], {})[r["precision"]] = {
-            "file": r["file"],
-            "bytes": r["bytes"],
-            "passed": r["passed"],
-            **({"int8_scheme": r["int8_scheme"]} if "int8_scheme" in r else {}),
+        files.setdefault(r.part, {})[r.precision] = {
+            "file": r.file,
+            "bytes": r.bytes,
+            "passed": r.passed,
+            **({"int8_scheme": r.int8_scheme} if r.int8_scheme else {}),
         }
     return Manifest(
         base_model=metadata["base_model"],
@@ -339,7 +339,7 @@ def _manifest(clip, metadata, template, reference, records, head_file, result) -
         files=files,
         zero_shot_head=head_file,
         flora_version=__version__,
-        report={k: v for k, v in result.items() if k not in ("out_dir", "manifest", "path")},
+        report={k: v for k, v in result.to_dict().items() if k not in ("out_dir", "manifest", "path")},
     )
 
 

@@ -37,15 +37,15 @@ def exported(tmp_path_factory, tiny_model_dir, trained_adapter, test_folder):
 
 def test_onnx_matches_pytorch_within_tolerance(exported):
     _, result = exported
-    assert result["max_abs_diff"] <= 1e-4
-    assert result["test_max_abs_diff"] <= 1e-4
-    assert result["min_cosine"] > 0.9999
+    assert result.max_abs_diff <= 1e-4
+    assert result.test_max_abs_diff <= 1e-4
+    assert result.min_cosine > 0.9999
 
 
 def test_onnx_runtime_accuracy_equals_pytorch_accuracy(exported):
     _, result = exported
-    assert result["test_examples"] == 359
-    assert result["onnxruntime_accuracy"] == result["pytorch_accuracy"]
+    assert result.test_examples == 359
+    assert result.onnxruntime_accuracy == result.pytorch_accuracy
 
 
 def test_export_uses_hf_names_and_records_metadata(exported, trained_adapter):

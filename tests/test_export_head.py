@@ -39,9 +39,9 @@ def test_head_holds_the_given_labels_and_matches_pytorch(tmp_path, tiny_model_di
         )
     np.testing.assert_allclose(head.embeddings, expected.numpy(), atol=1e-6)
     # No eval data: agreement is measured on synthetic images and said to be so; no accuracy is claimed.
-    record = result["exports"][0]
-    assert "synthetic" in record["test"]["on"] and "accuracy" not in record["test"]
-    assert "onnxruntime_accuracy" not in result
+    record = result.exports[0]
+    assert "synthetic" in record.test["on"] and "accuracy" not in record.test
+    assert result.onnxruntime_accuracy is None and "onnxruntime_accuracy" not in result.to_dict()
 
     image = next((test_folder / "7").iterdir())
     report = run_infer(tmp_path / "onnx", [image], top_k=3)

@@ -56,7 +56,7 @@ def full_export(tmp_path_factory, tiny_model_dir, adapter, test_folder):
 
 
 def _record(result, part, precision):
-    return next(r for r in result["exports"] if (r["part"], r["precision"]) == (part, precision))
+    return next(r for r in result.exports if (r.part, r.precision) == (part, precision))
 
 
 def test_every_part_and_precision_is_written_and_listed(full_export):
@@ -73,29 +73,29 @@ def test_every_part_and_precision_is_written_and_listed(full_export):
 def test_reported_parity_for_every_part_and_precision(full_export, part, precision):
     _, result = full_export
     record = _record(result, part, precision)
-    checks = record["validation"]
+    checks = record.validation
     assert set(checks) == {"random", "real"}  # random tensors and processed real images
     if precision == "fp32":
         assert all(c["max_abs_diff"] <= 1e-4 and c["min_cosine"] > 0.9999 for c in checks.values())
-        assert record["test"]["max_abs_diff_vs_pytorch"] <= 1e-4
-        assert record["test"]["agreement_with_pytorch"] == 1.0
+        assert record.test["max_abs_diff_vs_pytorch"] <= 1e-4
+        assert record.test["agreement_with_pytorch"] == 1.0
     elif precision == "fp16":
         assert all(c["min_cosine"] >= 0.999 for c in checks.values())
-        assert record["test"]["agreement_with_fp32"] >= 0.99
+        assert record.test["agreement_with_fp32"] >= 0.99
     else:
         # int8 moves values by design; it must still point the same way and mostly agree.
         assert all(c["min_cosine"] >= 0.99 for c in checks.values())
-        assert record["test"]["agreement_with_fp32"] >= 0.95
-    assert record["test"]["examples"] == 359
-    assert record["bytes"] > 0 and record["latency_ms_batch1_cpu"] > 0
+        assert record.test["agreement_with_fp32"] >= 0.95
+    assert record.test["examples"] == 359
+    assert record.bytes > 0 and record.latency_ms_batch1_cpu > 0
 
 
 def test_reduced_precisions_are_smaller(full_export):
     _, result = full_export
     for part in PARTS:
-        fp32 = _record(result, part, "fp32")["bytes"]
-        assert _record(result, part, "fp16")["bytes"] < 0.7 * fp32
-        assert _record(result, part, "int8")["bytes"] < 0.8 * fp32  # tiny layers: scales weigh relatively more
+        fp32 = _record(result, part, "fp32").bytes
+        assert _record(result, part, "fp16").bytes < 0.7 * fp32
+        assert _record(result, part, "int8").bytes < 0.8 * fp32  # tiny layers: scales weigh relatively more
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_batch_and_sequence_axes_are_dynamic(full_export):
 
 def test_merge_into_the_dequantized_4bit_base_matches_training_better(full_export):
     out, result = full_export
-    report = result["merge_base"]
+    report = result.merge_base
     diffs = report["max_abs_diff_vs_training_time"]
     assert set(diffs) == {"original", "dequantized-4bit"}
     assert diffs["dequantized-4bit"] < diffs["original"] / 5
@@ -174,15 +174,15 @@ def test_zero_shot_head_holds_normalised_label_embeddings(full_export, tiny_mode
     scale = float(load_clip(tiny_model_dir).model.logit_scale.detach().exp())
     assert head.logit_scale == pytest.approx(scale, rel=1e-6)
     # The vision tower plus the head scores the test split exactly as PyTorch does.
-    assert _record(result, "vision", "fp32")["test"]["accuracy"] == result["pytorch_accuracy"]
+    assert _record(result, "vision", "fp32").test["accuracy"] == result.pytorch_accuracy
 
 
 def test_manifest_keeps_the_report_and_is_valid_json(full_export):
     out, result = full_export
     data = json.loads((out / "flora_export.json").read_text())
-    assert data["format"] == 1 and data["report"]["ok"] == result["ok"]
-    assert result["ok"], result["problems"]  # threshold 0.95 in this module: every file passes
-    assert result["onnxruntime_accuracy"] == result["pytorch_accuracy"] and result["test_examples"] == 359
+    assert data["format"] == 1 and data["report"]["ok"] == result.ok
+    assert result.ok, result.problems  # threshold 0.95 in this module: every file passes
+    assert result.onnxruntime_accuracy == result.pytorch_accuracy and result.test_examples == 359
 
 
 def test_auto_int8_keeps_full_int8_when_it_agrees(full_export):
@@ -190,8 +190,8 @@ def test_auto_int8_keeps_full_int8_when_it_agrees(full_export):
     manifest = Manifest.read(out)
     for part in PARTS:
         record = _record(result, part, "int8")
-        assert record["passed"]  # threshold 0.95 here: full int8 is good enough, so nothing slower is tried
-        assert record["int8_scheme"] == "full" and [a["scheme"] for a in record["int8_attempts"]] == ["full"]
+        assert record.passed  # threshold 0.95 here: full int8 is good enough, so nothing slower is tried
+        assert record.int8_scheme == "full" and [a["scheme"] for a in record.int8_attempts] == ["full"]
         assert manifest.files[part]["int8"]["int8_scheme"] == "full"
 
 

@@ -172,8 +172,8 @@ def test_siglip_export_validates_and_infers_with_siglip_preprocessing(tmp_path, 
         parts="model,vision,text",
         latency_repeats=1,
     )
-    assert result["ok"] and result["max_abs_diff"] <= 1e-4
-    assert result["onnxruntime_accuracy"] == pytest.approx(result["pytorch_accuracy"], abs=1e-9)
+    assert result.ok and result.max_abs_diff <= 1e-4
+    assert result.onnxruntime_accuracy == pytest.approx(result.pytorch_accuracy, abs=1e-9)
     manifest = Manifest.read(out)
     assert manifest.family == "siglip" and manifest.logit_bias != 0.0
 

@@ -85,7 +85,7 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
             eval_data=load_image_folder(config.eval_data_dir) if config.eval_data_dir else None,
             prompt_template=config.prompt_template,
         )
-        logging.getLogger("flora").info("exported %s (max abs diff %.2e)", result["path"], result["max_abs_diff"])
+        logging.getLogger("flora").info("exported %s (max abs diff %.2e)", result.path, result.max_abs_diff)
     return 0
 
 
@@ -126,10 +126,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         agreement_threshold=args.agreement_threshold,
         int8_scheme=args.int8_scheme,
     )
-    print(json.dumps(result, indent=2))
-    if not result["ok"]:
+    print(json.dumps(result.to_dict(), indent=2))
+    if not result.ok:
         # Files are written and marked in the manifest, but this is not a success to build on.
-        for problem in result["problems"]:
+        for problem in result.problems:
             print(f"flora export: {problem}", file=sys.stderr)
         return 1
     return 0

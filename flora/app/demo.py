@@ -249,7 +249,7 @@ def run_demo(settings: DemoSettings, console: Console | None = None) -> dict[str
     report = json.loads((out / "report.json").read_text())
     report.update(
         data=data_summary,
-        onnx=onnx,
+        onnx=onnx.to_dict(),
         federation_seconds=federation_seconds,
         total_seconds=time.monotonic() - started,
         broker=broker_url,
