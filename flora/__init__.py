@@ -8,6 +8,24 @@ status and provisioning), which sits above the roles and composes them.
 
 __version__ = "0.1.0"
 
-from flora.errors import ConfigError, FloraError, ProtocolError, RejectReason
+from flora.errors import ConfigError, DataError, FloraError, ProtocolError, RejectReason, StateError
+from flora.lazy_exports import lazy_exports
 
-__all__ = ["ConfigError", "FloraError", "ProtocolError", "RejectReason", "__version__"]
+_EXPORTS = {
+    "NodeSettings": "flora.settings",
+    "RoundRecord": "flora.records",
+    "RunReport": "flora.records",
+}
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "FloraError",
+    "NodeSettings",
+    "ProtocolError",
+    "RejectReason",
+    "RoundRecord",
+    "RunReport",
+    "StateError",
+    "__version__",
+]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -57,12 +57,12 @@ class LoraRecipe:
 RECIPES: dict[str, LoraRecipe] = {}
 
 
-def register(recipe: LoraRecipe) -> LoraRecipe:
+def register_recipe(recipe: LoraRecipe) -> LoraRecipe:
     RECIPES[recipe.name] = recipe
     return recipe
 
 
-register(
+register_recipe(
     LoraRecipe(
         name="paper",
         rank=2,
@@ -71,7 +71,7 @@ register(
         description="FLoRA paper: r=2, alpha=32 on out_proj of every text-encoder layer; vision frozen",
     )
 )
-register(
+register_recipe(
     LoraRecipe(
         name="text-full",
         rank=8,
@@ -80,7 +80,7 @@ register(
         description="r=8 on every attention and MLP projection of the text encoder; vision frozen",
     )
 )
-register(
+register_recipe(
     LoraRecipe(
         name="both-towers",
         rank=8,
