@@ -52,7 +52,8 @@ def test_the_configs_log_level_takes_effect_after_the_startup_default():
     from flora.app import cli
 
     root = logging.getLogger()
-    saved_level, saved_handlers = root.level, list(root.handlers)
+    saved_level, saved_handlers, saved_ours = root.level, list(root.handlers), cli._log_handler
+    cli._log_handler = None  # as in a fresh process (another test may have run main() in this one)
     try:
         cli._setup_logging("INFO")  # what main() does before any config is read
         cli._setup_logging(logging.WARNING)  # the config's log_level, read afterwards
@@ -63,6 +64,6 @@ def test_the_configs_log_level_takes_effect_after_the_startup_default():
     finally:
         if cli._log_handler is not None:
             root.removeHandler(cli._log_handler)
-            cli._log_handler = None
+        cli._log_handler = saved_ours
         root.setLevel(saved_level)
-        assert root.handlers == saved_handlers
+    assert root.handlers == saved_handlers
