@@ -34,6 +34,7 @@ def test_damaged_client_state_is_a_flora_error_naming_the_file(tmp_path, content
         StateStore(tmp_path).load("r")
 
 
+@pytest.mark.slow  # a CLI process that loads the model
 def test_cli_reports_a_truncated_checkpoint_in_one_line(tmp_path, tiny_model_dir):
     checkpoints = tmp_path / "ckpt"
     checkpoints.mkdir()

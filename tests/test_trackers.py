@@ -65,7 +65,6 @@ def test_round_values_leave_out_what_the_round_did_not_have():
 
 
 def test_tensorboard_logs_every_round_value_and_the_params(tmp_path):
-    pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = config(tmp_path, "tensorboard")
@@ -88,8 +87,8 @@ def test_tensorboard_logs_every_round_value_and_the_params(tmp_path):
     assert b'"strategy": "fedavg"' in text.tensor_proto.string_val[0]
 
 
+@pytest.mark.slow
 def test_mlflow_logs_every_round_value_and_the_params_and_a_resume_continues_the_run(tmp_path):
-    pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
     cfg = config(tmp_path, "mlflow")
@@ -118,7 +117,6 @@ def test_a_tracker_without_its_package_is_a_config_error_naming_the_extra(tmp_pa
 
 
 def test_trackers_named_in_the_coordinator_toml_subscribe_to_its_events(tmp_path, tiny_model_dir):
-    pytest.importorskip("tensorboard")
     from coordinator.config import load_coordinator_config
     from coordinator.main import build_coordinator
     from coordinator.trackers.tensorboard import TensorBoardTracker
