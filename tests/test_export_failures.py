@@ -73,9 +73,9 @@ def test_quantized_file_below_agreement_is_flagged_not_claimed(
     captured = capsys.readouterr()
     assert code == 1
     result = json.loads(captured.out)
-    assert result.ok is False
-    assert "vision_model_int8.onnx: top-1 agreement with fp32" in result.problems[0]
-    assert "the closest of the int8 schemes tried: full, first-attention-fp32, attention-fp32" in result.problems[0]
+    assert result["ok"] is False
+    assert "vision_model_int8.onnx: top-1 agreement with fp32" in result["problems"][0]
+    assert "the closest of the int8 schemes tried: full, first-attention-fp32, attention-fp32" in result["problems"][0]
     assert "below the 99% threshold" in captured.err
     manifest = json.loads((out / MANIFEST_FILE).read_text())
     assert manifest["files"]["vision"]["int8"]["passed"] is False
@@ -155,8 +155,8 @@ def test_an_explicit_int8_scheme_is_the_only_one_tried(tmp_path, tiny_model_dir,
     )  # fmt: skip
     result = json.loads(capsys.readouterr().out)
     assert code == 1
-    record = next(r for r in result.exports if r.precision == "int8")
-    assert [a["scheme"] for a in record.int8_attempts] == ["full"] and not record.passed
+    record = next(r for r in result["exports"] if r["precision"] == "int8")
+    assert [a["scheme"] for a in record["int8_attempts"]] == ["full"] and not record["passed"]
     with pytest.raises(ConfigError, match="choose from: auto, full, first-attention-fp32, attention-fp32"):
         export_and_validate(str(tiny_model_dir), adapter, tmp_path, precisions="int8", int8_scheme="int4")
 

@@ -68,9 +68,9 @@ def test_a_rebooted_client_resends_its_unacknowledged_update_and_joins_the_next_
         trained: list[int] = []
         train_round = second.trainer.train_round
 
-        def counting(adapter, settings, round_):
+        def counting(adapter, settings, round_, **kwargs):
             trained.append(round_)
-            return train_round(adapter, settings, round_)
+            return train_round(adapter, settings, round_, **kwargs)
 
         second.trainer.train_round = counting
         second.run(max_seconds=120)  # returns when the coordinator ends the run (exit_when_finished)

@@ -27,8 +27,8 @@ def poison(agent, factor: float = 100.0):
     """Make one real agent malicious: it sends global + factor x (its honest change)."""
     honest = agent.trainer.train_round
 
-    def train_round(global_adapter, settings, round_):
-        tensors, metrics = honest(global_adapter, settings, round_)
+    def train_round(global_adapter, settings, round_, **kwargs):
+        tensors, metrics = honest(global_adapter, settings, round_, **kwargs)
         return {k: global_adapter[k] + factor * (v.numpy() - global_adapter[k]) for k, v in tensors.items()}, metrics
 
     agent.trainer.train_round = train_round
