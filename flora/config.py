@@ -177,7 +177,7 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
@@ -186,10 +186,11 @@ def describe(cls: type) -> str:
     """One line per setting with its default and help, for `--help-config`."""
     out = []
     for f in dataclasses.fields(cls):
+        # Defaults are shown as they would be written in the TOML file (not Python reprs like PosixPath(...)).
         if f.default is not dataclasses.MISSING:
-            default = repr(f.default)
+            default = "(unset)" if f.default is None else _toml_value(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = repr(f.default_factory())
+            default = _toml_value(f.default_factory())
         else:
             default = "(required)"
         out.append(f"  {f.name:<28} {default:<24} {f.metadata.get('help', '')}")

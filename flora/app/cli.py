@@ -72,7 +72,10 @@ def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.main import run_coordinator
 
     report = run_coordinator(config)
-    logging.getLogger("flora").info("run %s finished: final accuracy %s", config.run_id, report.get("final_accuracy"))
+    final = report.get("final_accuracy")
+    logging.getLogger("flora").info(
+        "run %s finished: final accuracy %s", config.run_id, "n/a (no eval data)" if final is None else f"{final:.1%}"
+    )
     if config.export_dir is not None:
         # Here, not in the coordinator: roles never import each other; the CLI composes them.
         from export.pipeline import export_and_validate
