@@ -174,7 +174,14 @@ def cmd_broker(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from flora.app.status import print_status
 
-    return print_status(args.broker, run_id=args.run_id, wait=args.wait)
+    return print_status(
+        args.broker,
+        run_id=args.run_id,
+        wait=args.wait,
+        ca_file=args.ca_file,
+        max_age_h=args.max_age_hours,
+        show_all=args.all,
+    )
 
 
 def cmd_provision(args: argparse.Namespace) -> int:
@@ -320,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
     p.add_argument("--run-id", default=None, help="only this run")
     p.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained messages")
+    p.add_argument("--ca-file", default=None, help="CA certificate for mqtts:// (default: the system's CA store)")
+    p.add_argument("--max-age-hours", type=float, default=24.0, help="hide runs that finished longer ago (default: 24)")
+    p.add_argument("--all", action="store_true", help="show finished runs of any age")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("provision", help="create devices' broker accounts, ACL entries, signing keys and configs")
@@ -348,8 +358,39 @@ def main(argv: list[str] | None = None) -> int:
     except FloraError as exc:
         print(f"flora {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as exc:
+        hint = missing_extra_hint(args.command, exc)
+        if hint is None:
+            raise  # our own module is missing: a broken install, not a missing extra
+        print(f"flora {args.command}: error: {hint}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+# The extra (pyproject.toml) that installs what each command needs beyond the core.
+EXTRA_FOR_COMMAND = {
+    "demo": "demo",
+    "coordinator": "coordinator",
+    "client": "edge",
+    "export": "export",
+    "infer": "infer",
+    "broker": "broker",
+}
+OWN_PACKAGES = ("flora", "coordinator", "edge_client", "export")
+
+
+def missing_extra_hint(command: str, exc: ModuleNotFoundError) -> str | None:
+    """What to install when a command's third-party dependency is missing; None for our own modules."""
+    missing = (exc.name or "").split(".")[0]
+    if not missing or missing in OWN_PACKAGES or command not in EXTRA_FOR_COMMAND:
+        return None
+    extra = EXTRA_FOR_COMMAND[command]
+    return (
+        f"`flora {command}` needs the Python package {missing!r}, which is not installed; "
+        f'install the "{extra}" extra: pip install "flora-edge[{extra}]" (on a Jetson, install NVIDIA\'s PyTorch '
+        "wheel first: docs/EDGE.md)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""`flora status`: the nodes and the latest round a broker holds, read from retained messages."""
+"""`flora status`: the nodes and the latest round a broker holds, read from retained messages.
+
+Runs whose coordinator said "finished" longer ago than `max_age_h` are left out (their retained
+messages stay on the broker forever); `show_all` keeps them. The broker URL is shown without its password.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +16,17 @@ from flora.live import rounds_table
 from flora.protocol import envelope_from_bytes
 from flora.protocol.topics import ALL_RUNS_METRICS, ALL_RUNS_STATUS
 from flora.transport import connect_transport
+from flora.transport.base import redact_url
 
 
-def collect(broker_url: str, *, run_id: str | None, wait: float):
-    transport = connect_transport(broker_url, f"flora-status-{int(time.time() * 1000) % 10**9}")
+def collect(broker_url: str, *, run_id: str | None, wait: float, ca_file: str | None = None):
+    """(nodes, rounds, finished_at): statuses by (run, node), the latest round record by run, and when each
+    finished run's coordinator said so (its status envelope's sent_at)."""
+    transport = connect_transport(broker_url, f"flora-status-{int(time.time() * 1000) % 10**9}", ca_file=ca_file)
     transport.connect(timeout=10)
     transport.subscribe(ALL_RUNS_STATUS)
     transport.subscribe(ALL_RUNS_METRICS)
-    nodes, rounds = {}, {}
+    nodes, rounds, finished_at = {}, {}, {}
     end = time.monotonic() + wait
     try:
         while time.monotonic() < end:
@@ -32,19 +39,38 @@ def collect(broker_url: str, *, run_id: str | None, wait: float):
                 continue
             if run_id and env.run != run_id:
                 continue
-            if env.kind == "status":
+            if env.kind == "status" and isinstance(env.data, dict):
                 nodes[(env.run, env.sender)] = env.data
+                if env.data.get("role") == "coordinator" and env.data.get("state") == "finished":
+                    finished_at[env.run] = env.sent_at
             elif env.kind == "round_result":
                 rounds[env.run] = env.data
     finally:
         transport.close()
-    return nodes, rounds
+    return nodes, rounds, finished_at
 
 
-def print_status(broker_url: str, *, run_id: str | None = None, wait: float = 2.0) -> int:
+def stale_runs(finished_at: dict[str, float], *, max_age_h: float, now: float | None = None) -> set[str]:
+    """Runs that finished more than `max_age_h` hours ago."""
+    now = time.time() if now is None else now
+    return {run for run, at in finished_at.items() if isinstance(at, (int, float)) and now - at > max_age_h * 3600}
+
+
+def print_status(
+    broker_url: str,
+    *,
+    run_id: str | None = None,
+    wait: float = 2.0,
+    ca_file: str | None = None,
+    max_age_h: float = 24.0,
+    show_all: bool = False,
+) -> int:
     console = Console()
-    nodes, rounds = collect(broker_url, run_id=run_id, wait=wait)
-    table = Table(title=f"nodes on {broker_url}", title_justify="left")
+    nodes, rounds, finished_at = collect(broker_url, run_id=run_id, wait=wait, ca_file=ca_file)
+    hidden = set() if show_all or run_id else stale_runs(finished_at, max_age_h=max_age_h)
+    nodes = {key: data for key, data in nodes.items() if key[0] not in hidden}
+    rounds = {run: record for run, record in rounds.items() if run not in hidden}
+    table = Table(title=f"nodes on {redact_url(broker_url)}", title_justify="left")
     for column in ("run", "node", "state", "accelerator", "memory free MB", "dataset", "last round"):
         table.add_column(column)
     for (run, node), data in sorted(nodes.items()):
@@ -62,6 +88,8 @@ def print_status(broker_url: str, *, run_id: str | None = None, wait: float = 2.
     console.print(table)
     for run, record in sorted(rounds.items()):
         console.print(rounds_table([record], f"latest round of run '{run}'"))
+    if hidden:
+        console.print(f"{len(hidden)} run(s) finished over {max_age_h:g} h ago not shown (--all shows them)")
     if not nodes and not rounds:
         console.print("no FLoRA nodes or rounds seen on this broker")
     return 0

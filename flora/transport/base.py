@@ -64,3 +64,12 @@ class Transport(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+
+def redact_url(url: str) -> str:
+    """The broker URL as it may be shown in logs, errors and titles: a password in it becomes ***."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, hostpart = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{hostpart}"

@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 import paho.mqtt.client as mqtt
 
 from flora.protocol.chunking import mqtt_publish_packet_size
-from flora.transport.base import RECONNECTED, Message, Transport, TransportError
+from flora.transport.base import RECONNECTED, Message, Transport, TransportError, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,11 @@ def parse_broker_url(url: str) -> tuple[str, str, int, str | None, str | None]:
     """mqtt://[user[:password]@]host[:port] -> (scheme, host, port, user, password)."""
     parsed = urlparse(url)
     if parsed.scheme not in DEFAULT_PORTS or not parsed.hostname:
-        raise TransportError(f"broker URL {url!r} must look like mqtt://host:port or mqtts://host:port")
+        raise TransportError(f"broker URL {redact_url(url)!r} must look like mqtt://host:port or mqtts://host:port")
     try:
         port = parsed.port or DEFAULT_PORTS[parsed.scheme]
     except ValueError:
-        raise TransportError(f"broker URL {url!r} has an invalid port") from None
+        raise TransportError(f"broker URL {redact_url(url)!r} has an invalid port") from None
     user = unquote(parsed.username) if parsed.username else None
     password = unquote(parsed.password) if parsed.password else None
     return parsed.scheme, parsed.hostname, port, user, password
@@ -109,7 +109,7 @@ class MqttTransport(Transport):
         max_inbox_bytes: int = DEFAULT_MAX_INBOX_BYTES,
     ):
         scheme, self.host, self.port, url_user, url_password = parse_broker_url(url)
-        self.url = url
+        self.url = redact_url(url)  # what logs and errors show: never the password
         self.client_id = client_id
         self.max_message_bytes = max_message_bytes
         self.keepalive = keepalive
