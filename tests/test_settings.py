@@ -61,6 +61,8 @@ def test_the_configs_log_level_takes_effect_after_the_startup_default():
         cli._setup_logging(logging.DEBUG)
         assert root.level == logging.DEBUG
         assert sum(h is cli._log_handler for h in root.handlers) == 1  # re-levelled, not stacked
+        # bitsandbytes' offline kernel warning stays quiet whatever the config's level (it was reset to WARNING)
+        assert not logging.getLogger("bitsandbytes.backends.cpu.ops").isEnabledFor(logging.WARNING)
     finally:
         if cli._log_handler is not None:
             root.removeHandler(cli._log_handler)

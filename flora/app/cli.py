@@ -12,6 +12,15 @@ from flora.errors import FloraError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _log_handler: logging.Handler | None = None  # installed once; later calls only change the level
+LIBRARY_LOG_LEVELS = {
+    "transformers": logging.WARNING,
+    "peft": logging.WARNING,
+    "amqtt": logging.WARNING,
+    "httpx": logging.WARNING,
+    # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot, on every start,
+    # quantized or not; its built-in fallback is what runs offline, so the warning is noise for users.
+    "bitsandbytes": logging.ERROR,
+}
 
 
 def _setup_logging(level: int | str) -> None:
@@ -24,8 +33,8 @@ def _setup_logging(level: int | str) -> None:
         _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(_log_handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
-    for noisy in ("transformers", "peft", "amqtt", "bitsandbytes", "httpx"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    for library, library_level in LIBRARY_LOG_LEVELS.items():
+        logging.getLogger(library).setLevel(library_level)
 
 
 def _quiet_libraries() -> None:
@@ -36,9 +45,6 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
-    # bitsandbytes tries to fetch an optional CPU kernel from the hub and warns when it cannot;
-    # its built-in fallback is what runs offline, so the warning is noise for users.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
