@@ -165,19 +165,19 @@ def to_toml(obj: Any) -> str:
         help_text = f.metadata.get("help")
         if help_text:
             lines.append(f"# {help_text}")
-        lines.append(f"{f.name} = {_toml_value(value)}")
+        lines.append(f"{f.name} = {toml_value(value)}")
     return "\n".join(lines) + "\n"
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return repr(value)
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
+        return "{ " + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + " }" if value else "{}"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"')
     return f'"{text}"'
 
@@ -188,9 +188,9 @@ def describe(cls: type) -> str:
     for f in dataclasses.fields(cls):
         # Defaults are shown as they would be written in the TOML file (not Python reprs like PosixPath(...)).
         if f.default is not dataclasses.MISSING:
-            default = "(unset)" if f.default is None else _toml_value(f.default)
+            default = "(unset)" if f.default is None else toml_value(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = _toml_value(f.default_factory())
+            default = toml_value(f.default_factory())
         else:
             default = "(required)"
         out.append(f"  {f.name:<28} {default:<24} {f.metadata.get('help', '')}")

@@ -107,3 +107,36 @@ def test_built_in_password_file_and_acl_updates(tmp_path):
     assert [line.split(":")[0] for line in lines] == ["b", "a"] and first_b in lines
     assert add_device_to_acl(acl, "a") and not add_device_to_acl(acl, "a")
     assert acl.read_text().count("user a\n") == 1
+
+
+def test_a_device_added_later_joins_the_fleet_with_its_saved_settings(tmp_path, capsys):
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    (certs / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nfleet CA\n-----END CERTIFICATE-----\n")
+    first = ["--run-id", "farm", "--model", "/models/clip-b32", "--certs", str(certs)]
+    assert provision(tmp_path, "jetson-01", *first) == 0
+    out = tmp_path / "prov"
+    # Weeks later: only the new device's id (and the directory) is given.
+    assert main(["provision", "jetson-09", "--out", str(out)]) == 0
+    early = load_client_config(out / "devices" / "jetson-01" / "client.toml")
+    late = load_client_config(out / "devices" / "jetson-09" / "client.toml")
+    for setting in ("run_id", "broker_url", "model", "ca_file", "data_dir", "state_dir"):
+        assert getattr(late, setting) == getattr(early, setting), setting
+    assert (late.run_id, late.model, late.broker_url) == ("farm", "/models/clip-b32", "mqtts://broker.example:8883")
+    assert late.ca_file == "/etc/flora/tls/ca.crt" and (out / "devices" / "jetson-09" / "tls" / "ca.crt").is_file()
+    # The documented absolute paths (docs/EDGE.md, the systemd units), not the working directory's.
+    assert late.state_dir == Path("/var/lib/flora") and late.data_dir == Path("/var/lib/flora/data")
+    server = load_coordinator_config(out / "coordinator" / "coordinator.toml")
+    assert server.checkpoint_dir == Path("/var/lib/flora/coordinator") and server.model == "/models/clip-b32"
+
+
+def test_a_flag_that_contradicts_the_fleet_is_refused_unless_the_change_is_meant(tmp_path, capsys):
+    assert provision(tmp_path, "jetson-01", "--run-id", "farm") == 0
+    out = str(tmp_path / "prov")
+    assert main(["provision", "jetson-02", "--out", out, "--run-id", "orchard"]) == 2
+    error = capsys.readouterr().err
+    assert "run_id: fleet has 'farm', flag says 'orchard'" in error and "--update-fleet" in error
+    assert not (tmp_path / "prov" / "devices" / "jetson-02").exists()  # nothing written
+    assert main(["provision", "jetson-02", "--out", out, "--run-id", "orchard", "--update-fleet"]) == 0
+    assert load_client_config(tmp_path / "prov" / "devices" / "jetson-02" / "client.toml").run_id == "orchard"
+    assert 'run_id = "orchard"' in (tmp_path / "prov" / "fleet.toml").read_text()

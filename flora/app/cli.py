@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from flora import __version__
+from flora.app.provision.fleet import FLEET_DEFAULTS
 from flora.errors import FloraError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -194,34 +195,39 @@ def cmd_provision(args: argparse.Namespace) -> int:
     from coordinator.config import CoordinatorConfig
     from edge_client.config import ClientConfig
     from flora.app.provision import ProvisionSettings, check_device_id, provision_coordinator, provision_device
+    from flora.app.provision.fleet import resolve_fleet, save_fleet
     from flora.config import from_mapping, to_toml
 
+    out = Path(args.out)
+    flags = {key: getattr(args, key) for key in FLEET_DEFAULTS if key not in ("certs", "install_dir")}
+    flags["certs"] = str(Path(args.certs).resolve()) if args.certs else None
+    flags["install_dir"] = "" if args.in_place else args.install_dir
+    fleet = resolve_fleet(out, flags, update=args.update_fleet)
     settings = ProvisionSettings(
-        out=Path(args.out),
-        broker_url=args.broker_url,
-        run_id=args.run_id,
-        coordinator_id=args.coordinator_id,
-        install_dir=None if args.in_place else Path(args.install_dir),
-        certs_dir=Path(args.certs) if args.certs else None,
+        out=out,
+        broker_url=fleet["broker_url"],
+        run_id=fleet["run_id"],
+        coordinator_id=fleet["coordinator_id"],
+        install_dir=Path(fleet["install_dir"]) if fleet["install_dir"] else None,
+        certs_dir=Path(fleet["certs"]) if fleet["certs"] else None,
         force=args.force,
     )
     for node in args.node_ids:  # all of them, before anything is written
         check_device_id(settings, node)
-    where = "in place" if args.in_place else f"to {args.install_dir}/"
+    where = f"to {fleet['install_dir']}/" if fleet["install_dir"] else "in place"
+    coordinator_values = {"model": fleet["model"], "checkpoint_dir": fleet["checkpoint_dir"]}
     coordinator = provision_coordinator(
-        settings, lambda values: to_toml(from_mapping(CoordinatorConfig, {**values, "model": args.model}))
+        settings, lambda values: to_toml(from_mapping(CoordinatorConfig, {**values, **coordinator_values}))
     )
     if coordinator.created:
         print(f"coordinator {coordinator.node_id}: copy {coordinator.directory}/ {where} on the coordinator host")
+    client_values = {"model": fleet["model"], "data_dir": fleet["data_dir"], "state_dir": fleet["state_dir"]}
     for node in args.node_ids:
         device = provision_device(
-            settings,
-            node,
-            lambda values: to_toml(
-                from_mapping(ClientConfig, {**values, "model": args.model, "data_dir": args.data_dir})
-            ),
+            settings, node, lambda values: to_toml(from_mapping(ClientConfig, {**values, **client_values}))
         )
         print(f"device {device.node_id}: copy {device.directory}/ {where} on the device")
+    save_fleet(out, fleet)
     print(
         f"broker: copy {settings.mosquitto_dir}/passwd and acl to /etc/mosquitto/flora/ (deploy/mosquitto/README.md), "
         "then `sudo systemctl reload mosquitto`. Keep this directory private: it holds keys and passwords."
@@ -338,17 +344,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="show finished runs of any age")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("provision", help="create devices' broker accounts, ACL entries, signing keys and configs")
+    p = sub.add_parser(
+        "provision",
+        help="create devices' broker accounts, ACL entries, signing keys and configs",
+        description="The first run writes OUT/fleet.toml from these flags; later runs add devices with the "
+        "fleet's settings (flags left out take the fleet's values; --update-fleet changes them).",
+    )
     p.add_argument("node_ids", nargs="+", metavar="NODE_ID", help="device ids (also their broker usernames)")
     p.add_argument("--out", default="flora-provision", help="provisioning directory; keep it private")
-    p.add_argument("--broker-url", default="mqtts://broker.local:8883", help="broker URL the configs name")
-    p.add_argument("--run-id", default="default", help="run id the configs name")
-    p.add_argument("--coordinator-id", default="coordinator", help="the coordinator's node id and username")
-    p.add_argument("--model", default="openai/clip-vit-base-patch32", help="CLIP checkpoint the configs name")
-    p.add_argument("--data-dir", default="/var/lib/flora/data", help="devices' training data directory")
+    fleet = "(default for a new fleet: %(default)s; afterwards the fleet's)"
+    for flag, key, what in (
+        ("--broker-url", "broker_url", "broker URL the configs name"),
+        ("--run-id", "run_id", "run id the configs name"),
+        ("--coordinator-id", "coordinator_id", "the coordinator's node id and username"),
+        ("--model", "model", "checkpoint the configs name (hub id or directory)"),
+        ("--data-dir", "data_dir", "devices' training data directory"),
+        ("--state-dir", "state_dir", "devices' state directory (the systemd unit's StateDirectory)"),
+        ("--checkpoint-dir", "checkpoint_dir", "the coordinator's checkpoint directory"),
+        ("--install-dir", "install_dir", "where the files will live on each machine"),
+    ):
+        p.add_argument(flag, default=None, help=f"{what} {fleet % {'default': FLEET_DEFAULTS[key]}}")
     p.add_argument("--certs", default=None, help="make-certs.sh output: its ca.crt, and NODE.crt/.key when made")
-    p.add_argument("--install-dir", default="/etc/flora", help="where the files will live on each machine")
     p.add_argument("--in-place", action="store_true", help="configs name the files where they are written")
+    p.add_argument("--update-fleet", action="store_true", help="change the fleet's saved settings with these flags")
     p.add_argument("--force", action="store_true", help="re-provision a device: new password and keys")
     p.set_defaults(func=cmd_provision)
     return parser
