@@ -18,6 +18,7 @@ from coordinator.events import RoundEnded, RunFinished
 from coordinator.plots import plot_metrics
 from flora.files import atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
+from flora.modeling.training_info import TRAINING_INFO_FILE, TrainingInfo
 
 __all__ = ["PLOT_INTERVAL_S", "MetricsPlot", "ReportWriter"]
 
@@ -30,14 +31,18 @@ class ReportWriter:
     """report.json and global_adapter/ after every round. Subscribed as required: a run whose outputs cannot be
     written stops (and resumes from its checkpoint) rather than federating on without them."""
 
-    def __init__(self, output_dir: Path, peft_model: Any, *, base_model: str):
+    def __init__(self, output_dir: Path, peft_model: Any, *, base_model: str, training: TrainingInfo | None = None):
         self.output_dir = Path(output_dir)
         self.peft_model = peft_model  # the coordinator's evaluator model, holding the global adapter at RoundEnded
         self.base_model = base_model
+        self.training = training  # written beside the adapter: export and infer use its prompt
 
     def on_round_ended(self, event: RoundEnded) -> None:
         atomic_write_json(self.output_dir / "report.json", event.report.to_dict())
-        save_adapter_dir(self.peft_model, self.output_dir / "global_adapter", base_model=self.base_model)
+        extra = {TRAINING_INFO_FILE: self.training.to_dict()} if self.training is not None else None
+        save_adapter_dir(
+            self.peft_model, self.output_dir / "global_adapter", base_model=self.base_model, extra_json=extra
+        )
 
     def on_run_finished(self, event: RunFinished) -> None:
         # A rerun of a finished run executes no round: its report still says what the run produced.

@@ -49,6 +49,7 @@ from coordinator.validation import validate_update
 from flora import __version__
 from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
+from flora.modeling.training_info import TrainingInfo
 from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes
 from flora.records import RoundRecord, RunReport
 from flora.transport import Message, Transport
@@ -94,7 +95,14 @@ class Coordinator:
         self._open_round: int | None = None  # the round collecting updates, for UpdateRejected
         self.events = EventBus()
         out = Path(config.output_dir)
-        self.events.subscribe(ReportWriter(out, evaluator.model, base_model=config.model), required=True)
+        self.training = TrainingInfo(
+            prompt_template=config.prompt_template,
+            class_names=tuple(evaluator.data.class_names) if evaluator.data is not None else None,
+            run_id=config.run_id,
+            recipe=config.recipe,
+        )
+        writer = ReportWriter(out, evaluator.model, base_model=config.model, training=self.training)
+        self.events.subscribe(writer, required=True)
         self.events.subscribe(MetricsPlot(out / "metrics.png"))
         self.events.subscribe(RoundView(config.run_id, config.rounds))
         for subscriber in subscribers:
@@ -496,6 +504,7 @@ class Coordinator:
             initial=self.initial,
             rounds=tuple(self.history),
             rejections=dict(self.rejections),
+            extras={"training": self.training.to_dict()},  # the prompt export and infer should use
         )
 
 

@@ -41,6 +41,7 @@ from flora.data.datasets import LabeledImages
 from flora.errors import ConfigError
 from flora.modeling import scoring
 from flora.modeling.loading import LoadedClip
+from flora.modeling.training_info import TrainingInfo, resolve_prompt_template
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def export_and_validate(
     out_dir: str | Path,
     *,
     eval_data: LabeledImages | None = None,
-    prompt_template: str = scoring.DEFAULT_TEMPLATE,
+    prompt_template: str | None = None,
     tolerance: float = 1e-4,
     parts: Sequence[str] | str = ("model",),
     precisions: Sequence[str] | str = ("fp32",),
@@ -85,6 +86,9 @@ def export_and_validate(
 
     int8 has no elementwise bound (dynamic quantization moves values by design): it is judged, as
     fp16 is too, by top-1 agreement with fp32 on `eval_data` (else on synthetic images).
+
+    `prompt_template` and the zero-shot head's labels default to what the adapter was trained with
+    (its flora_training.json), else the default template and the eval data's classes.
     """
     limits = Limits(tolerance, fp16_tolerance, agreement_threshold, latency_repeats, int8_scheme)
     parts = parse_list(parts, tuple(PARTS), "parts")
@@ -94,8 +98,12 @@ def export_and_validate(
         raise ConfigError(f"merge base must be one of {', '.join(MERGE_BASES)}, got {merge_base!r}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
 
+    training = TrainingInfo.read(adapter_dir)
+    prompt_template = resolve_prompt_template(prompt_template, training, scoring.DEFAULT_TEMPLATE, what="export")
+    _warn_about_untrained_classes(eval_data, training)
     clip = merge_adapter(base, adapter_dir, merge_base="original")
-    head_labels = evaluate.labels_for(labels, eval_data.class_names if eval_data else None)
+    trained_names = training.class_names if training is not None else None
+    head_labels = evaluate.labels_for(labels, eval_data.class_names if eval_data else trained_names)
     data = _scoring_set(eval_data, head_labels, prompt_template)
     # Validation uses other batch sizes and sequence lengths than the trace (dynamic axes).
     checks = {
@@ -130,6 +138,20 @@ def export_and_validate(
     else:
         log.warning("exported %s with problems: %s", out_dir, "; ".join(result.problems))
     return result
+
+
+def _warn_about_untrained_classes(eval_data: LabeledImages | None, training: TrainingInfo | None) -> None:
+    """An evaluation class the run never saw is scored as if it had been: say so (its accuracy means little)."""
+    if eval_data is None or training is None or training.class_names is None:
+        return
+    unseen = sorted(set(eval_data.class_names) - set(training.class_names))
+    if unseen:
+        log.warning(
+            "eval data classes %s were not among the run's classes %s; their scores test zero-shot transfer, "
+            "not what federation trained",
+            unseen[:10],
+            list(training.class_names)[:10],
+        )
 
 
 def _scoring_set(eval_data: LabeledImages | None, labels: list[str] | None, template: str) -> evaluate.ScoringSet:

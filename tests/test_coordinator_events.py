@@ -183,6 +183,10 @@ def test_a_real_run_emits_its_events_in_order_and_survives_a_failing_subscriber(
     assert on_disk["rejections"] == {"malformed": 1, "not_selected": 1}
     assert (config.output_dir / "metrics.png").is_file()
     assert (config.output_dir / "global_adapter" / "adapter_model.safetensors").is_file()
+    # The prompt and classes the run trained with travel with the adapter and in the report (for export, infer).
+    training = json.loads((config.output_dir / "global_adapter" / "flora_training.json").read_text())
+    assert training == on_disk["training"]
+    assert training["prompt_template"] == TEMPLATE and training["class_names"] == [str(d) for d in range(10)]
 
 
 def test_a_required_subscriber_stops_the_emitter_and_an_optional_one_does_not(caplog):

@@ -289,7 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--eval-data", default=None, help="image folder to score the export on (one subfolder per class)")
     p.add_argument("--labels", default=None, help="labels.txt (one per line) for the zero-shot head")
-    p.add_argument("--prompt-template", default="a photo of a {label}.", help="class prompt template")
+    p.add_argument(
+        "--prompt-template",
+        default=None,
+        help="class prompt template (default: the one the adapter was trained with, from its flora_training.json)",
+    )
     p.add_argument("--tolerance", type=float, default=1e-4, help="fp32: max abs difference ORT vs PyTorch")
     p.add_argument(
         "--agreement-threshold",

@@ -6,6 +6,7 @@ stripped), so what travels on the wire is exactly what `PeftModel.from_pretraine
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -92,8 +93,14 @@ def set_adapter_state(peft_model: Any, tensors: dict[str, Any]) -> None:
         raise ProtocolError(RejectReason.TENSOR_NAMES, f"PEFT did not accept {unexpected[:3]}")
 
 
-def save_adapter_dir(peft_model: Any, out_dir: str | Path, *, base_model: str | None = None) -> Path:
-    """Write a standard PEFT adapter directory atomically (write aside, then swap in)."""
+def save_adapter_dir(
+    peft_model: Any, out_dir: str | Path, *, base_model: str | None = None, extra_json: dict[str, Any] | None = None
+) -> Path:
+    """Write a standard PEFT adapter directory atomically (write aside, then swap in).
+
+    `extra_json` maps file names to JSON-able content written beside the adapter, inside the same swap
+    (e.g. flora_training.json: the prompt the adapter was trained with).
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -101,6 +108,8 @@ def save_adapter_dir(peft_model: Any, out_dir: str | Path, *, base_model: str | 
         if base_model is not None:
             peft_model.peft_config["default"].base_model_name_or_path = base_model
         peft_model.save_pretrained(tmp)
+        for name, content in (extra_json or {}).items():
+            (tmp / name).write_text(json.dumps(content, indent=2, allow_nan=False), encoding="utf-8")
         _fsync_tree(tmp)
         old = out.with_name(f".{out.name}.old")
         if out.exists():
