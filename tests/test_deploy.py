@@ -568,3 +568,14 @@ def test_units_pass_systemd_analyze_verify_when_available(tmp_path, unit):
     proc = subprocess.run([analyze, "verify", "--man=no", str(copy)], capture_output=True, text=True, timeout=60)
     complaints = [line for line in (proc.stdout + proc.stderr).splitlines() if unit.name in line]
     assert proc.returncode == 0 and complaints == [], proc.stdout + proc.stderr
+
+
+def test_no_extra_pins_a_dependency_exactly():
+    # An exact pin in an extra fights every other tool installed beside flora-edge (issue: amqtt 0.11's typer pin).
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"].values()
+    requirements = [*project["dependencies"], *(r for extra in extras for r in extra)]
+    assert [r for r in requirements if "==" in r] == []
+    assert "amqtt>=0.12" in project["optional-dependencies"]["broker"]
