@@ -1,4 +1,4 @@
-"""The `flora` command: demo, coordinator, client, export, infer, broker, status, provision. A composition root."""
+"""The `flora` command: demo, the roles, doctor, export, infer, status, provision. The composition root."""
 
 from __future__ import annotations
 
@@ -191,6 +191,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from flora.app.doctor import print_report, run_checks
+
+    return print_report(run_checks(Path(args.config), role=args.role, check_model=not args.skip_model))
+
+
 def cmd_provision(args: argparse.Namespace) -> int:
     from coordinator.config import CoordinatorConfig
     from edge_client.config import ClientConfig
@@ -347,6 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-age-hours", type=float, default=24.0, help="hide runs that finished longer ago (default: 24)")
     p.add_argument("--all", action="store_true", help="show finished runs of any age")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check a node's config, files, broker, TLS, credentials, ACL, data and model before a run",
+        description="One line per check with the fix; exits 1 when a check fails. Run it before starting "
+        "the service: it connects as the node, so a running node with the same id would reconnect once.",
+    )
+    p.add_argument("--config", required=True, help="the node's TOML settings file")
+    p.add_argument("--role", choices=["client", "coordinator"], default=None, help="default: from the file's keys")
+    p.add_argument("--skip-model", action="store_true", help="do not load the model (the slowest check)")
+    p.set_defaults(func=cmd_doctor)
 
     p = sub.add_parser(
         "provision",
