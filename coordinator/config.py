@@ -54,6 +54,11 @@ class CoordinatorConfig(NodeSettings):
     batch_size: int = field(128, help="clients' batch size (paper: 128); clients may lower it")
     prompt_template: str = field(DEFAULT_TEMPLATE, help="class prompt; {label} is the class name")
     max_update_norm: float | None = field(None, help="reject updates whose change has a larger L2 norm")
+    max_weight_factor: float | None = field(
+        10.0,
+        help="cap an update's FedAvg weight at its announced dataset_size and at this many times the selected "
+        "nodes' median (none: weight = num_examples as claimed)",
+    )
     checkpoint_dir: Path = field(Path("flora-checkpoints"), help="state for resuming after a crash")
     output_dir: Path | None = field(None, help="report.json, metrics.png, global_adapter/ (default: checkpoint_dir)")
     eval_data_dir: Path | None = field(None, help="held-out image folder for server-side evaluation")
@@ -95,6 +100,10 @@ class CoordinatorConfig(NodeSettings):
             (self.batch_size >= 1, "batch_size must be >= 1"),
             ("{label}" in self.prompt_template, "prompt_template must contain {label}"),
             (self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm must be > 0"),
+            (
+                self.max_weight_factor is None or 1 <= self.max_weight_factor <= 1e6,
+                "max_weight_factor must be between 1 and 1e6 (or none to turn the cap off)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

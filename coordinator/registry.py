@@ -1,7 +1,13 @@
-"""The live registry of nodes, kept from their retained status messages and Last Wills."""
+"""The live registry of nodes, kept from their retained status messages and Last Wills.
+
+A status is checked against its schema (flora/protocol/schema.py) before anything in it is kept: a status
+that breaks it is dropped with a logged reason, and capabilities keep only well-formed, finite entries, so
+what the registry holds is always valid for selection, weighting and the JSON checkpoint.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -9,6 +15,11 @@ from typing import Any
 import numpy as np
 
 from flora.algorithms import Candidate
+from flora.errors import ProtocolError
+from flora.protocol.schema import check_data
+from flora.records import json_safe
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -42,14 +53,25 @@ class Registry:
         self.nodes: dict[str, NodeInfo] = {}
 
     def update(self, node: str, data: dict[str, Any]) -> NodeInfo:
+        """Apply `node`'s status; one that breaks the status schema changes nothing (logged, never raised)."""
         info = self.nodes.setdefault(node, NodeInfo(node))
-        info.state = str(data.get("state", "unknown"))
-        if isinstance(data.get("capabilities"), dict):
+        try:
+            data = check_data("status", data, sender=node)
+        except ProtocolError as exc:
+            log.warning("dropped status from %s: %s; the node keeps its previous state %r", node, exc, info.state)
+            return info
+        info.state = data["state"]
+        if "capabilities" in data:
             info.capabilities = data["capabilities"]
-        if data.get("recipe") is not None:
-            info.recipe = str(data["recipe"])
+        if "recipe" in data:
+            info.recipe = data["recipe"]
         info.last_seen = time.time()
         return info
+
+    def announced_examples(self, node: str) -> int | None:
+        """The dataset size `node` announced in its status (capabilities `dataset_size`), if any."""
+        info = self.nodes.get(node)
+        return info.capabilities.get("dataset_size") if info is not None else None
 
     def online(self, recipe: str | None = None, requirements: Requirements | None = None) -> list[str]:
         """Online nodes (sorted, so selection is reproducible) on `recipe` that meet `requirements`."""
@@ -85,7 +107,8 @@ class Registry:
         return self.sample(self.candidates(recipe, requirements), fraction=fraction, minimum=minimum, seed=seed)
 
     def snapshot(self) -> dict[str, Any]:
-        return {name: asdict(info) for name, info in self.nodes.items()}
+        """JSON-able whatever was received (the checkpoint is strict JSON, and it must never fail on a device)."""
+        return json_safe({name: asdict(info) for name, info in self.nodes.items()})
 
 
 def checked_selection(chosen: Any, candidates: list[Candidate], strategy: str) -> list[str]:

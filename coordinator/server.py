@@ -46,6 +46,7 @@ from coordinator.outputs import MetricsPlot, ReportWriter
 from coordinator.registry import Registry, Requirements, checked_selection
 from coordinator.signatures import Authenticator
 from coordinator.validation import validate_update
+from coordinator.weighting import cap_weight, round_update_metrics
 from flora import __version__
 from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
@@ -257,9 +258,8 @@ class Coordinator:
             rejected=dict(rejected),
             accuracy=evaluation["accuracy"] if evaluation else None,
             loss=evaluation["loss"] if evaluation else None,
-            train_loss=float(sum(u.metrics.get("train_loss", 0.0) * u.num_examples for u in updates) / total_examples),
             num_examples=total_examples,
-            client_peak_memory_mb=max(float(u.metrics.get("peak_memory_mb", 0.0)) for u in updates),
+            **round_update_metrics(updates),  # train_loss, client_peak_memory_mb, weights_capped
             aggregation_error=self.error_meter.error(),
             strategy_metrics=dict(self.strategy.round_metrics()),
             bytes_up=bytes_up,
@@ -410,6 +410,7 @@ class Coordinator:
         except ProtocolError as exc:
             self._count_rejection(exc, message.topic, rejected)
             return 0
+        update = cap_weight(update, self.registry, selected, self.config.max_weight_factor)
         validated_at = time.monotonic()
         self.strategy.accumulate(update)
         aggregated_at = time.monotonic()

@@ -11,8 +11,9 @@ from flora.errors import ProtocolError, RejectReason
 from flora.modeling.adapter import check_adapter_tensors, lower_rank_of
 from flora.modeling.lora_factors import fit_to_rank
 from flora.protocol import Envelope, adapter_from_body
+from flora.protocol.schema import MAX_NUM_EXAMPLES, check_data
 
-MAX_NUM_EXAMPLES = 10**9
+__all__ = ["MAX_NUM_EXAMPLES", "validate_update"]
 
 
 def validate_update(
@@ -40,12 +41,7 @@ def validate_update(
         raise ProtocolError(RejectReason.NOT_SELECTED, f"{env.sender} was not selected for round {round_}")
     if env.sender in already:
         raise ProtocolError(RejectReason.DUPLICATE, f"{env.sender} already sent an update for round {round_}")
-    num_examples = env.data.get("num_examples")
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or not 0 < num_examples <= MAX_NUM_EXAMPLES:
-        raise ProtocolError(RejectReason.BAD_METRICS, f"num_examples must be a positive integer, got {num_examples!r}")
-    metrics = env.data.get("metrics", {})
-    if not isinstance(metrics, dict):
-        raise ProtocolError(RejectReason.BAD_METRICS, "metrics must be a JSON object")
+    data = check_data("update", env.data, sender=env.sender)  # num_examples and metrics: bad_metrics (§5.3)
     tensors = adapter_from_body(env.body, env.body_meta)  # format, dtype, finiteness
     check_adapter_tensors(global_tensors, tensors, allow_lower_rank=allow_lower_rank)  # names and shapes
     rank = lower_rank_of(global_tensors, tensors) if allow_lower_rank else None
@@ -55,14 +51,4 @@ def validate_update(
         norm = math.sqrt(sum(float(np.sum((tensors[k] - global_tensors[k]) ** 2)) for k in global_tensors))
         if norm > max_update_norm:
             raise ProtocolError(RejectReason.NORM_BOUND, f"update norm {norm:.4g} exceeds {max_update_norm:.4g}")
-    return ClientUpdate(env.sender, round_, tensors, num_examples, finite_numbers(metrics), payload_bytes)
-
-
-def finite_numbers(metrics: dict) -> dict[str, float]:
-    """Keep only finite numeric metrics: a client must not be able to break aggregation or the checkpoint
-    (json.loads accepts NaN; strings would break sums)."""
-    return {
-        str(k)[:64]: float(v)
-        for k, v in list(metrics.items())[:64]
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    }
+    return ClientUpdate(env.sender, round_, tensors, data["num_examples"], data.get("metrics", {}), payload_bytes)

@@ -5,8 +5,12 @@
           round result naming us as accepted -> drop the pending update
           run finished -> idle (or exit, if configured)
 
-A malformed or foreign message is logged and dropped; the agent keeps running. Training happens
-on the main thread; paho's network thread keeps the connection alive meanwhile.
+A malformed or foreign message is logged and dropped; the agent keeps running. Every message's `data` is
+checked against its schema (flora/protocol/schema.py) before it is read, and `handle` never raises: a
+retained message that crashed the agent would come back on every restart. Without the coordinator's key an
+instruction is believed only up to `max_round_ahead` rounds past the highest round seen, so one forged
+far-ahead round cannot make the device refuse the genuine rounds before it. Training happens on the main
+thread; paho's network thread keeps the connection alive meanwhile.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from flora.protocol import (
     adapter_to_body,
     envelope_from_bytes,
 )
+from flora.protocol.schema import check_data
 from flora.protocol.signing import Signer, load_public_key, seal, verify
 from flora.transport import Message, Transport
 from flora.transport.base import RECONNECTED
@@ -46,6 +51,8 @@ class EdgeAgent:
         self.state = self.store.load(config.run_id)
         self.finished = False
         self.rounds_trained = 0
+        self.round_seen = -1  # the highest round of an instruction or round result believed so far
+        self._held: Envelope | None = None  # an unsigned instruction too far ahead, until a round result catches up
         # End-to-end integrity (optional): sign what we send; act only on what the coordinator signed.
         self.signer = Signer.from_file(config.signing_key) if config.signing_key else None
         self.coordinator_key = load_public_key(config.coordinator_public_key) if config.coordinator_public_key else None
@@ -69,8 +76,9 @@ class EdgeAgent:
 
     def start(self) -> None:
         self.transport.connect(will=self._status("offline"))
-        self.transport.subscribe(self.topics.instruction, qos=1)
+        # Round results first: their retained copy tells how far the run is before the retained instruction arrives.
         self.transport.subscribe(self.topics.metrics, qos=1)
+        self.transport.subscribe(self.topics.instruction, qos=1)
         self.transport.publish(self._status("online"))
         log.info(
             "%s online in run %s with %d local examples",
@@ -101,6 +109,20 @@ class EdgeAgent:
             self.stop()
 
     def handle(self, message: Message) -> None:
+        """Act on one received message. Never raises: the specific checks name what is wrong, and anything
+        they missed is logged here, so no message can stop the agent (or crash-loop it when retained)."""
+        try:
+            self._handle(message)
+        except Exception as exc:  # the last line of defence, after the schema and signature checks
+            log.error(
+                "dropped the message on %s: acting on it failed with %s: %s; the agent keeps running",
+                message.topic,
+                type(exc).__name__,
+                exc,
+                exc_info=True,
+            )
+
+    def _handle(self, message: Message) -> None:
         if message.topic == RECONNECTED:
             self.transport.publish(self._status("online"))  # our Will may have fired meanwhile
             return
@@ -126,19 +148,58 @@ class EdgeAgent:
             except ProtocolError as exc:
                 log.error("refused %s for round %s on %s: %s", env.kind, env.round, message.topic, exc)
                 return
+        try:
+            data = check_data(env.kind, env.data)
+        except ProtocolError as exc:
+            log.warning("dropped %s for round %s on %s: %s", env.kind, env.round, message.topic, exc)
+            return
         if env.kind == "train":
-            self._on_train(env)
-        elif env.kind == "round_result":
-            if self.config.node_id in env.data.get("accepted", []) and env.round is not None:
+            self._on_train(env, data)
+        elif env.kind == "round_result" and env.round is not None:
+            if self.config.node_id in data.get("accepted", ()):
                 self.store.acknowledge(self.state, env.round)
+            self._saw_round(env.round)
         elif env.kind == "finished":
             if not self.finished:
                 log.info("run %s finished after round %s", env.run, env.round)
             self.finished = True
 
-    def _on_train(self, env: Envelope) -> None:
+    def _saw_round(self, round_: int) -> None:
+        """A round result for `round_`: the window moves, and an instruction held for being too far ahead is
+        looked at again."""
+        self.round_seen = max(self.round_seen, round_)
+        held, self._held = self._held, None
+        if held is not None:
+            self._on_train(held, check_data("train", held.data))
+
+    def _too_far_ahead(self, round_: int) -> bool:
+        """Whether an unsigned instruction for `round_` is beyond the window of the rounds seen (verified: never)."""
+        if self.coordinator_key is not None:
+            return False  # handle() verified it: any round the coordinator signed is genuine
+        seen = max(self.round_seen, self.state.last_round_trained)
+        return round_ > seen + self.config.max_round_ahead
+
+    def _on_train(self, env: Envelope, data: dict[str, Any]) -> None:
         round_ = env.round
-        if round_ is None or self.config.node_id not in env.data.get("selected", []):
+        if round_ is None:
+            log.warning("dropped a train instruction without a round number")
+            return
+        if self._too_far_ahead(round_):
+            seen = max(self.round_seen, self.state.last_round_trained)
+            log.warning(
+                "held the unsigned instruction for round %d: the highest round seen is %d and an unsigned instruction "
+                "may be at most %d ahead (max_round_ahead); it is acted on if a round result catches up. A forged "
+                "far-ahead round would make this device refuse every genuine round before it; set "
+                "coordinator_public_key to accept signed instructions for any round",
+                round_,
+                seen,
+                self.config.max_round_ahead,
+            )
+            self._held = env
+            return
+        self._held = None  # the instruction topic keeps one message: the newest believed one supersedes a held one
+        self.round_seen = max(self.round_seen, round_)
+        if self.config.node_id not in data["selected"]:
             return
         if round_ <= self.state.last_round_trained:
             # Never train twice for one instruction; re-send the finished update if it was not acknowledged.
@@ -147,17 +208,17 @@ class EdgeAgent:
                 log.info("re-sending the update for round %d", round_)
                 self._publish_update(pending)
             return
-        if env.data.get("recipe") not in (None, self.config.recipe):
+        if data.get("recipe") not in (None, self.config.recipe):
             log.error(
                 "round %d uses recipe %r but this device is configured for %r; fix recipe in the client config",
                 round_,
-                env.data.get("recipe"),
+                data.get("recipe"),
                 self.config.recipe,
             )
             return
         # No deadline check here: device clocks drift; the coordinator decides what is late.
         try:
-            settings = TrainSettings.from_instruction(env.data.get("train", {}))
+            settings = TrainSettings.from_instruction(data.get("train", {}))
             global_adapter = adapter_from_body(env.body, env.body_meta)
             if self.config.lora_rank is not None:
                 # A lower-rank device starts from the best rank-r approximation of the global adapter.

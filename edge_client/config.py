@@ -60,6 +60,12 @@ class ClientConfig(NodeSettings):
     dp_noise_multiplier: float | None = field(
         None, help="local DP: Gaussian noise std = dp_noise_multiplier x dp_clip_norm (needs dp_clip_norm)"
     )
+    max_round_ahead: int = field(
+        3,
+        help="act on an unsigned instruction only up to this many rounds past the highest round seen "
+        "(a forged far-ahead round would make the device refuse every genuine round before it); "
+        "with coordinator_public_key a verified instruction may name any round",
+    )
     state_dir: Path = field(Path("flora-client-state"), help="where progress survives a reboot")
     exit_when_finished: bool = field(False, help="exit when the coordinator ends the run (demo, tests)")
     seed: int = field(0, help="seed for local shuffling")
@@ -72,6 +78,8 @@ class ClientConfig(NodeSettings):
             raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.data_format not in DATA_FORMATS:
             raise ConfigError(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
+        if self.max_round_ahead < 1:
+            raise ConfigError(f"max_round_ahead must be >= 1, got {self.max_round_ahead}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.memory_budget_mb is not None and not self.memory_budget_mb > 0:

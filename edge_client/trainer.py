@@ -36,12 +36,13 @@ from edge_client.cache import EmbeddingStore, images_fingerprint, model_fingerpr
 from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches
 from flora.algorithms import ClientHook, client_hooks_from_instruction
 from flora.data.datasets import LabeledImages, pixel_values
-from flora.errors import ConfigError
+from flora.errors import ConfigError, ProtocolError
 from flora.modeling import scoring
 from flora.modeling.adapter import attach_lora, get_adapter_state, set_adapter_state
 from flora.modeling.kbit import prepare_quantized_for_training, set_activation_checkpointing
 from flora.modeling.loading import LoadedClip
 from flora.modeling.recipes import LoraRecipe
+from flora.protocol.schema import TRAIN_SETTINGS, check_fields
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +65,11 @@ class TrainSettings:
     @classmethod
     def from_instruction(cls, data: dict[str, Any]) -> TrainSettings:
         """The instruction's `train` object, validated; ValueError names what is wrong (the agent logs it)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"the instruction's train settings must be an object, got {type(data).__name__}")
+        try:  # type and range of every field (flora/protocol/schema.py): a value from the network never reaches torch
+            data = check_fields(TRAIN_SETTINGS, data, "the instruction's train settings")
+        except ProtocolError as exc:
+            raise ValueError(exc.detail) from None
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "client_hooks"}
-        if "betas" in known:
-            known["betas"] = tuple(float(b) for b in known["betas"])
         specs = data.get("client_hooks")
         if specs is None:
             # Coordinators of protocol 1.0 before `client_hooks` sent FedProx and FFA-LoRA as these two

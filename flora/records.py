@@ -50,6 +50,7 @@ class RoundRecord:
     train_loss: float | None = None  # clients' train loss, weighted by their examples
     num_examples: int = 0
     client_peak_memory_mb: float | None = None
+    weights_capped: tuple[str, ...] = ()  # nodes whose FedAvg weight was capped (coordinator/weighting.py)
     aggregation_error: float | None = None  # ||Σw·BA − (Σw·B)(Σw·A)||, see flora/algorithms/lora.py
     strategy_metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     bytes_up: int = 0
@@ -77,6 +78,7 @@ class RoundRecord:
         extra.update(data.get("strategy_metrics") or {})
         known["accepted"] = tuple(known.get("accepted") or ())
         known["rejected"] = dict(known.get("rejected") or {})
+        known["weights_capped"] = tuple(known.get("weights_capped") or ())
         return cls(**known, strategy_metrics=extra)
 
 

@@ -91,7 +91,7 @@ def test_strategies_send_their_client_halves_and_clients_read_old_keys_too():
     assert TrainSettings.from_instruction({"proximal_mu": 0.0}).client_hooks == ()
     with pytest.raises(ValueError, match="fedprox mu"):
         TrainSettings.from_instruction({"proximal_mu": -1.0})
-    with pytest.raises(ValueError, match="must be an object"):
+    with pytest.raises(ValueError, match="must be a JSON object"):
         TrainSettings.from_instruction(["not", "a", "dict"])
 
 

@@ -1,3 +1,5 @@
+import json
+
 from coordinator.registry import Registry, Requirements
 
 
@@ -32,3 +34,13 @@ def test_capability_filters():
     assert registry.online(requirements=Requirements(min_memory_mb=2000)) == ["cpu_box", "jetson"]
     assert registry.online(requirements=Requirements(needs_4bit=True)) == ["jetson", "small"]
     assert registry.select(fraction=1.0, minimum=1, seed=0, requirements=Requirements(2000, True)) == ["jetson"]
+
+
+def test_the_registry_snapshot_is_strict_json_whatever_was_received():
+    registry = registry_with(a={"dataset_size": 1})
+    registry.update("b", json.loads('{"state": "online", "capabilities": {"memory_free_mb": NaN}, "recipe": 5}'))
+    registry.update("c", json.loads('{"state": "online", "capabilities": {"memory_free_mb": Infinity}}'))
+    registry.nodes["a"].capabilities["raw"] = float("nan")  # even a value put there without the schema
+    text = json.dumps(registry.snapshot(), allow_nan=False)
+    assert json.loads(text)["c"]["capabilities"] == {}
+    assert registry.nodes["b"].state == "unknown"  # its status named recipe 5: dropped, nothing kept

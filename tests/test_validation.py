@@ -69,6 +69,13 @@ def test_bad_updates_are_rejected_with_their_reason(env, kwargs, reason):
 def test_hostile_metrics_cannot_break_aggregation_or_the_checkpoint():
     import json
 
-    raw = json.loads('{"train_loss": NaN, "peak_memory_mb": "lots", "seconds": 1.5, "flag": true}')
+    # Metrics nothing reads: kept only as bounded finite numbers; strings, booleans, NaN and 1e300 are dropped.
+    raw = json.loads('{"train_loss": 0.5, "seconds": 1.5, "flag": true, "kind": "x", "odd": NaN, "huge": 1e300}')
     accepted = check(update(data={"num_examples": 10, "metrics": raw}))
-    assert accepted.metrics == {"seconds": 1.5}
+    assert accepted.metrics == {"train_loss": 0.5, "seconds": 1.5}
+    # Metrics the round record reads: one that is not a finite number in its range rejects the update, with why.
+    for bad in ('{"train_loss": NaN}', '{"train_loss": 1e308}', '{"peak_memory_mb": "lots"}', '{"peak_memory_mb": -1}'):
+        with pytest.raises(ProtocolError) as info:
+            check(update(data={"num_examples": 10, "metrics": json.loads(bad)}))
+        assert info.value.reason is RejectReason.BAD_METRICS
+        assert "metrics entry" in info.value.detail and "finite number" in info.value.detail

@@ -35,6 +35,7 @@ class ClientUpdate:
     num_examples: int
     metrics: dict[str, Any] = field(default_factory=dict)
     bytes: int = 0
+    claimed_examples: int | None = None  # what the client claimed when its weight was capped (coordinator/weighting.py)
 
 
 @dataclass(frozen=True)
