@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -130,3 +131,24 @@ def test_hostile_messages_on_a_real_broker_do_not_stop_the_observer(mosquitto):
     finally:
         rogue.close()
         observer.stop()
+
+
+def test_the_flora_dashboard_command_serves_a_broker(mosquitto):
+    # The command as a user runs it: port 0 picks a free one, which the start-up line names.
+    url = mosquitto.url.replace("mqtt://", "mqtt://observer:s3cret@")
+    argv = [sys.executable, "-m", "flora.app", "dashboard", "--broker", url, "--port", "0"]
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    try:
+        seen = []
+        while not (found := re.search(r"dashboard of .* on (http://127\.0\.0\.1:\d+/)", seen[-1] if seen else "")):
+            seen.append(process.stderr.readline())  # blocks until a log line; "" once the process has ended
+            assert seen[-1], "".join(seen)
+        line = seen[-1]
+        assert "s3cret" not in line and "observer:***@" in line
+        status, _, body = get(found.group(1) + "api/state")
+        assert status == 200 and json.loads(body)["broker"].startswith("mqtt://observer:***@")
+        assert get(found.group(1))[0] == 200
+    finally:
+        process.terminate()
+        process.wait(30)
+        process.stderr.close()
