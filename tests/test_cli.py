@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-SUBCOMMANDS = ["demo", "coordinator", "client", "export", "broker", "status"]
+SUBCOMMANDS = ["demo", "coordinator", "client", "export", "broker", "status", "dashboard"]
 
 
 def flora(*args, timeout=120, **kwargs):

@@ -1,4 +1,4 @@
-"""The `flora` command: demo, the roles, doctor, export, infer, status, provision. The composition root."""
+"""The `flora` command: demo, the roles, doctor, export, infer, status, dashboard, provision. The composition root."""
 
 from __future__ import annotations
 
@@ -191,6 +191,19 @@ def cmd_status(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from flora.app.dashboard import serve
+
+    return serve(
+        args.broker,
+        host=args.host,
+        port=args.port,
+        ca_file=args.ca_file,
+        run_id=args.run_id,
+        allow_remote=args.allow_remote,
+    )
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from flora.app.doctor import print_report, run_checks
 
@@ -355,6 +368,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser(
+        "dashboard",
+        help="serve a read-only web page of the fleet and the rounds, live from a broker (loopback only by default)",
+        description="Subscribes to the broker (publishes nothing) and serves http://HOST:PORT/. Round history "
+        "starts when the dashboard starts: the broker keeps only each run's latest round.",
+    )
+    p.add_argument("--broker", required=True, help="mqtt://[USER:PASSWORD@]HOST:PORT (the password is never shown)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default: 8080)")
+    p.add_argument("--ca-file", default=None, help="CA certificate for mqtts:// (default: the system's CA store)")
+    p.add_argument("--run-id", default=None, help="only this run (default: every run on the broker)")
+    p.add_argument("--allow-remote", action="store_true", help="permit a non-loopback bind (the page has no login)")
+    p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser(
         "doctor",
         help="check a node's config, files, broker, TLS, credentials, ACL, data and model before a run",
         description="One line per check with the fix; exits 1 when a check fails. Run it before starting "
@@ -421,6 +448,7 @@ EXTRA_FOR_COMMAND = {
     "export": "export",
     "infer": "infer",
     "broker": "broker",
+    "dashboard": "dashboard",
 }
 OWN_PACKAGES = ("flora", "coordinator", "edge_client", "export")
 
