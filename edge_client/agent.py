@@ -21,6 +21,7 @@ from typing import Any
 
 from edge_client.capabilities import detect_capabilities
 from edge_client.config import ClientConfig
+from edge_client.health import read_health
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.algorithms import LocalDP
@@ -71,6 +72,7 @@ class EdgeAgent:
                 configured_quantization=self.config.quantization,
             )
             data["recipe"] = self.config.recipe
+            data["health"] = read_health(self.config.state_dir, cuda_device=self.trainer.clip.device)
         env = Envelope(kind="status", run=self.config.run_id, sender=self.config.node_id, data=data)
         return Message(self.topics.status(self.config.node_id), seal(env, self.signer), qos=1, retain=True)
 
@@ -98,10 +100,14 @@ class EdgeAgent:
     def run(self, *, max_seconds: float | None = None) -> None:
         self.start()
         deadline = None if max_seconds is None else time.monotonic() + max_seconds
+        next_status = time.monotonic() + self.config.status_interval_s
         try:
             while not (self.finished and self.config.exit_when_finished):
                 if deadline is not None and time.monotonic() > deadline:
                     break
+                if time.monotonic() >= next_status:  # health and last round, fresh for status views
+                    self.transport.publish(self._status("online"))
+                    next_status = time.monotonic() + self.config.status_interval_s
                 message = self.transport.receive(timeout=0.5)
                 if message is not None:
                     self.handle(message)
@@ -246,6 +252,7 @@ class EdgeAgent:
         self.store.save_pending(self.state, round_, payload)  # before sending: a reboot re-sends it
         self._publish_update(payload)
         self.rounds_trained += 1
+        self.transport.publish(self._status("online"))  # last_round_trained moved on: say so now
         log.info(
             "round %d: sent update (%d bytes, loss %.4f, %.1fs)",
             round_,

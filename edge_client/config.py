@@ -60,6 +60,9 @@ class ClientConfig(NodeSettings):
     dp_noise_multiplier: float | None = field(
         None, help="local DP: Gaussian noise std = dp_noise_multiplier x dp_clip_norm (needs dp_clip_norm)"
     )
+    status_interval_s: float = field(
+        60.0, help="seconds between status refreshes (health, last round trained) while the agent runs"
+    )
     max_round_ahead: int = field(
         3,
         help="act on an unsigned instruction only up to this many rounds past the highest round seen "
@@ -78,6 +81,8 @@ class ClientConfig(NodeSettings):
             raise ConfigError(f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, got {self.compute_dtype!r}")
         if self.data_format not in DATA_FORMATS:
             raise ConfigError(f"data_format must be one of {', '.join(DATA_FORMATS)}, got {self.data_format!r}")
+        if not self.status_interval_s >= 1:
+            raise ConfigError(f"status_interval_s must be at least 1 second, got {self.status_interval_s}")
         if self.max_round_ahead < 1:
             raise ConfigError(f"max_round_ahead must be >= 1, got {self.max_round_ahead}")
         if self.batch_size < 1:

@@ -6,6 +6,7 @@ messages stay on the broker forever); `show_all` keeps them. The broker URL is s
 
 from __future__ import annotations
 
+import math
 import time
 
 from rich.console import Console
@@ -71,19 +72,26 @@ def print_status(
     nodes = {key: data for key, data in nodes.items() if key[0] not in hidden}
     rounds = {run: record for run, record in rounds.items() if run not in hidden}
     table = Table(title=f"nodes on {redact_url(broker_url)}", title_justify="left")
-    for column in ("run", "node", "state", "accelerator", "memory free MB", "dataset", "last round"):
+    columns = ("run", "node", "state", "last round", "recipe", "agent", "accelerator", "dataset")
+    for column in (*columns, "memory free MB", "disk free MB", "temp °C", "power mode", "GPU %"):
         table.add_column(column)
     for (run, node), data in sorted(nodes.items()):
-        caps = data.get("capabilities", {})
-        free = caps.get("gpu_memory_free_mb", caps.get("memory_free_mb"))
+        caps = _mapping(data.get("capabilities"))
+        health = _mapping(data.get("health"))
         table.add_row(
             run,
             node,
-            str(data.get("state")),
-            str(caps.get("accelerator", data.get("role", "-"))),
-            "-" if free is None else f"{free:,.0f}",
-            str(caps.get("dataset_size", "-")),
-            str(data.get("last_round_trained", data.get("round", "-"))),
+            _text(data.get("state")),
+            _number(data.get("last_round_trained", data.get("round")), "{:.0f}"),
+            _text(data.get("recipe", data.get("role"))),
+            _text(health.get("agent_version")),
+            _text(caps.get("accelerator")),
+            _number(caps.get("dataset_size"), "{:,.0f}"),
+            _number(_free_memory(health, caps), "{:,.0f}"),
+            _number(health.get("disk_free_mb"), "{:,.0f}"),
+            _number(health.get("temperature_c"), "{:.1f}"),
+            _text(health.get("power_mode")),
+            _number(health.get("gpu_load_pct"), "{:.0f}"),
         )
     console.print(table)
     for run, record in sorted(rounds.items()):
@@ -93,3 +101,26 @@ def print_status(
     if not nodes and not rounds:
         console.print("no FLoRA nodes or rounds seen on this broker")
     return 0
+
+
+# What a status carries came over the network: show it only as checked text and finite numbers.
+def _mapping(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _text(value) -> str:
+    return value[:40] if isinstance(value, str) and value else "-"
+
+
+def _number(value, fmt: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "-"
+    return fmt.format(value)
+
+
+def _free_memory(health: dict, caps: dict):
+    """The freshest reading: the periodic health, else what the device announced when it connected."""
+    for value in (health.get("memory_free_mb"), caps.get("gpu_memory_free_mb"), caps.get("memory_free_mb")):
+        if value is not None:
+            return value
+    return None

@@ -226,6 +226,15 @@ CAPABILITIES = {  # status.capabilities: what selection and weighting read (§5.
     "supports_8bit": boolean,
 }
 
+HEALTH = {  # status.health: shown by `flora status` and the dashboard only; a broken rule drops the entry
+    "memory_free_mb": number(0, MAX_MEMORY_MB),
+    "disk_free_mb": number(0, MAX_MEMORY_MB * 1000),
+    "temperature_c": number(-60, 200),
+    "gpu_load_pct": number(0, 100),
+    "power_mode": text(32),
+    "agent_version": text(32),
+}
+
 TRAIN_SETTINGS = {  # train.train: AdamW hyper-parameters; the client refuses an instruction that breaks one
     "local_epochs": Field(integer(1, 1000)),
     "learning_rate": Field(number(0, 10, above_lo=True)),
@@ -245,6 +254,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "last_round_trained": Field(integer(-1, MAX_ROUND)),
         "recipe": Field(text(128)),
         "capabilities": Field(scalar_map(CAPABILITIES, strict=False, what="status capabilities")),
+        "health": Field(scalar_map(HEALTH, strict=False, what="status health")),
     },
     "update": {
         "num_examples": Field(integer(1, MAX_NUM_EXAMPLES), required=True, reason=RejectReason.BAD_METRICS),

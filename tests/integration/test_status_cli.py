@@ -27,13 +27,22 @@ def test_finished_runs_age_out_and_the_password_is_not_shown(mosquitto):
     two_days_ago = time.time() - 48 * 3600
     _retain(mosquitto.url, "old-run", "coordinator", {"state": "finished", "role": "coordinator"}, two_days_ago)
     _retain(mosquitto.url, "old-run", "jetson-9", {"state": "offline", "last_round_trained": 50}, two_days_ago)
-    _retain(mosquitto.url, "new-run", "jetson-1", {"state": "online", "last_round_trained": 3}, time.time())
+    health = {"temperature_c": 48.5, "power_mode": "MAXN", "agent_version": "0.1.0", "memory_free_mb": 5100.0}
+    _retain(
+        mosquitto.url,
+        "new-run",
+        "jetson-1",
+        {"state": "online", "last_round_trained": 3, "health": health},
+        time.time(),
+    )
     # Mosquitto here allows anonymous clients, so credentials in the URL are accepted and ignored.
     url = mosquitto.url.replace("mqtt://", "mqtt://observer:s3cret@")
 
     default = _status(url)
     assert default.returncode == 0, default.stderr[-2000:]
     assert "new-run" in default.stdout and "jetson-1" in default.stdout
+    row = next(line for line in default.stdout.splitlines() if "jetson-1" in line)
+    assert all(value in row for value in ("MAXN", "48.5", "5,100", "0.1.0")), row  # the device's health
     assert "old-run" not in default.stdout and "1 run(s) finished over 24 h ago not shown" in default.stdout
     assert "s3cret" not in default.stdout + default.stderr and "observer:***@" in default.stdout
 
