@@ -116,39 +116,79 @@ def argvs(plan: dict, sid: str) -> list[list[str]]:
 # ---------------------------------------------------------------------------------------------------------------
 # Release detection and wheel sources
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize(
-    ("release", "l4t", "jetpack", "cuda", "wheel_folder", "torch_version", "index", "cusparselt"),
-    [
-        ("r36.3.0", "36.3.0", "6.0", "12.2", "/jp/v60/pytorch/", "2.4.0a0", "jp6/cu122", False),
-        ("r36.4.0", "36.4.0", "6.1", "12.6", "/jp/v61/pytorch/", "2.5.0a0", "jp6/cu126", True),
-        ("r36.4.3", "36.4.3", "6.2", "12.6", "/jp/v61/pytorch/", "2.5.0a0", "jp6/cu126", True),
-    ],
-)
-def test_jetpack6_releases_get_nvidia_torch_and_the_matching_jetson_index(
-    host, release, l4t, jetpack, cuda, wheel_folder, torch_version, index, cusparselt
-):
+@pytest.mark.parametrize(("release", "l4t", "jetpack"), [("r36.4.0", "36.4.0", "6.1"), ("r36.4.3", "36.4.3", "6.2")])
+def test_jetpack6_gets_a_torch_that_transformers_accepts_from_the_jetson_index(host, release, l4t, jetpack):
     plan = host.plan(release=release)
     assert plan["release"]["l4t"] == l4t and plan["release"]["jetpack"] == jetpack
-    assert plan["release"]["cuda"] == cuda and plan["release"]["system_python"] == "3.10"
+    assert plan["release"]["cuda"] == "12.6" and plan["release"]["system_python"] == "3.10"
+    index = "https://pypi.jetson-ai-lab.io/jp6/cu126"
     torch = plan["sources"]["torch"]
-    assert torch["origin"] == "NVIDIA JetPack wheel"
-    assert torch["url"].startswith("https://developer.download.nvidia.com/compute/redist" + wheel_folder)
-    assert f"torch-{torch_version}" in torch["url"] and torch["url"].endswith("-cp310-cp310-linux_aarch64.whl")
-    assert plan["sources"]["jetson_index"] == f"https://pypi.jetson-ai-lab.io/{index}"
+    assert torch == {"kind": "index", "index": index, "version": "2.8.0", "python": "3.10", "origin": torch["origin"]}
+    assert torch["origin"] == "Jetson AI Lab index" and plan["min_torch"] == "2.6"
+    assert plan["sources"]["jetson_index"] == index
     assert plan["python"] == {"path": str(host.python), "version": "3.10.12", "required": "3.10", "ok": True}
     assert plan["quantization"] == {"if_4bit_check_passes": "4bit", "otherwise": "none"}
-    assert ("cusparselt" in [s["id"] for s in plan["steps"]]) is cusparselt
+    ids = [s["id"] for s in plan["steps"]]
+    assert "cusparselt" in ids and "cudss" in ids  # libcusparseLt.so.0 and libcudss.so.0, which L4T lacks
 
     (torch_cmd,) = argvs(plan, "torch")
-    assert torch_cmd[-2:] == ["numpy<2", torch["url"]]  # NVIDIA's wheels are built against NumPy 1.x
+    # Only the Jetson index and an exact version (newer ones there are not CUDA 12.6 builds), built against NumPy 1.x.
+    assert torch_cmd[-4:] == ["--index-url", index, "numpy<2", "torch==2.8.0"] and "--extra-index-url" not in torch_cmd
     (bnb_cmd,) = argvs(plan, "bitsandbytes")
-    assert bnb_cmd[-4:] == ["--no-deps", "--index-url", plan["sources"]["jetson_index"], "bitsandbytes"]
+    assert bnb_cmd[-4:] == ["--no-deps", "--index-url", index, "bitsandbytes"]
     assert step(plan, "bitsandbytes")["optional"] is True
     (ort_cmd,) = argvs(plan, "onnxruntime")
-    assert ort_cmd[-1] == "onnxruntime-gpu" and plan["sources"]["jetson_index"] in ort_cmd
+    assert ort_cmd[-1] == "onnxruntime-gpu" and index in ort_cmd
     (flora_cmd,) = argvs(plan, "flora")
-    assert flora_cmd[-2:] == ["flora-edge[edge]", "onnx>=1.16"]  # never [export]: it pulls CPU onnxruntime
-    assert "-c" in flora_cmd and "-c" in ort_cmd  # the torch pin constrains every later pip install
+    assert flora_cmd[-2:] == [f"{ROOT}[edge]", "onnx>=1.16"]  # never [export]: it pulls CPU onnxruntime
+    assert "-c" in flora_cmd and "-c" in ort_cmd  # the pins constrain every later pip install
+
+
+def test_cudss_comes_from_nvidias_local_tegra_repository(host):
+    commands = argvs(host.plan(), "cudss")
+    assert commands[0][-1] == (
+        "https://developer.download.nvidia.com/compute/cudss/0.6.0/local_installers/"
+        "cudss-local-tegra-repo-ubuntu2204-0.6.0_0.6.0-1_arm64.deb"
+    )
+    assert commands[-1] == ["apt-get", "install", "-y", "cudss"]
+    assert step(host.plan(), "cudss")["unless"] == "libcudss.so.0 is already installed"
+
+
+def test_jetpack60_has_no_torch_transformers_accepts_and_is_refused_with_the_upgrade(host):
+    plan = host.plan(release="r36.3.0", expect_ok=False)
+    assert plan["release"]["jetpack"] == "6.0" and "steps" not in plan
+    error = plan["error"]
+    assert "PyTorch 2.4.0" in error and "jp6/cu122" in error and "below 2.6" in error
+    assert "CLIPModel requires PyTorch >= 2.6" in error and "Nothing was installed" in error
+    assert "Upgrade to JetPack 6.1 or 6.2" in error and "--torch-wheel" in error
+    assert {line.split()[0] for line in host.calls()} <= {"python3", "dpkg-query", "systemctl"}
+
+
+@pytest.mark.parametrize(
+    ("args", "shown"),
+    [
+        (["--torch-source", "nvidia"], "NVIDIA JetPack wheel: PyTorch 2.5.0a0+872d972e41.nv24.08"),
+        (
+            ["--torch-wheel", "/srv/torch-2.5.0a0+872d972e41.nv24.08.17622132-cp310-cp310-linux_aarch64.whl"],
+            "--torch-wheel: PyTorch 2.5.0a0+872d972e41.nv24.08",
+        ),
+        (["--torch-wheel", "https://example.org/w/torch-2.4.1-cp310-cp310-linux_aarch64.whl"], "PyTorch 2.4.1"),
+    ],
+)
+def test_a_torch_below_what_transformers_accepts_is_refused_before_installing_anything(host, args, shown):
+    plan = host.plan(*args, expect_ok=False)
+    error = plan["error"]
+    assert shown in error and "is below 2.6" in error and "transformers>=5,<6" in error
+    assert "--torch-source jetson-ai-lab (PyTorch 2.8.0 for CUDA 12.6)" in error  # the fix
+    assert {line.split()[0] for line in host.calls()} <= {"python3", "dpkg-query", "systemctl"}
+
+
+def test_a_torch_wheel_transformers_accepts_is_planned(host):
+    wheel = "/srv/torch-2.7.0-cp310-cp310-linux_aarch64.whl"
+    plan = host.plan("--torch-wheel", wheel)
+    assert plan["sources"]["torch"]["version"] == "2.7.0" and argvs(plan, "torch")[0][-1] == wheel
+    odd = host.plan("--torch-wheel", "/srv/pytorch-build.whl")  # no version in the name: the training check decides
+    assert any("cannot tell the PyTorch version" in w for w in odd["warnings"])
 
 
 def test_steps_come_in_an_order_that_works(host):
@@ -156,13 +196,15 @@ def test_steps_come_in_an_order_that_works(host):
     assert ids == [
         "system-packages",
         "cusparselt",
+        "cudss",
         "venv",
         "torch",
         "pin-torch",
         "bitsandbytes",
         "onnxruntime",
+        "pin-builds",
         "flora",
-        "check-4bit",
+        "check-training",
         "check-onnxruntime",
         "user",
         "directories",
@@ -177,9 +219,10 @@ def test_human_readable_plan_names_release_sources_and_every_step(host):
     out = proc.stdout
     assert "nothing is changed" in out
     assert "L4T R36.4.3 = JetPack 6.2" in out
-    assert "torch-2.5.0a0+872d972e41.nv24.08.17622132-cp310-cp310-linux_aarch64.whl" in out
-    assert "https://pypi.jetson-ai-lab.io/jp6/cu126" in out
-    assert len(re.findall(r"^\s*\d+\. ", out, re.M)) == 14
+    assert "torch==2.8.0 from https://pypi.jetson-ai-lab.io/jp6/cu126 (needs >= 2.6: ok)" in out
+    assert len(re.findall(r"^\s*\d+\. ", out, re.M)) == 16
+    # The final check's command, which a real run executes and reads.
+    assert f"$ /opt/flora/venv/bin/python {INSTALLER.parent / 'check_training.py'} --device cuda --4bit" in out
     assert "$ systemctl enable flora-client.service" in out
 
 
@@ -191,11 +234,12 @@ def test_dry_run_only_probes_and_installs_nothing(host):
     assert all(line == "systemctl --version" for line in host.calls() if line.startswith("systemctl"))
 
 
-def test_torch_from_the_jetson_ai_lab_index_on_request(host):
-    plan = host.plan("--torch-source", "jetson-ai-lab", release="r36.3.0")
-    assert plan["sources"]["torch"]["kind"] == "index"
-    (torch_cmd,) = argvs(plan, "torch")
-    assert torch_cmd[-3:] == ["--index-url", "https://pypi.jetson-ai-lab.io/jp6/cu122", "torch"]
+def test_the_training_check_is_planned_with_4bit_only_where_bitsandbytes_is_installed(host):
+    check = INSTALLER.parent / "check_training.py"
+    venv_python = "/opt/flora/venv/bin/python"
+    assert step(host.plan(), "check-training")["probe"] == [venv_python, str(check), "--device", "cuda", "--4bit"]
+    plan = host.plan("--no-bitsandbytes")
+    assert step(plan, "check-training")["probe"] == [venv_python, str(check), "--device", "cuda"]
 
 
 def test_source_checkout_and_no_bitsandbytes(host):
@@ -204,6 +248,36 @@ def test_source_checkout_and_no_bitsandbytes(host):
     assert plan["sources"]["bitsandbytes"] is None and plan["quantization"] == {"always": "none"}
     assert "bitsandbytes" not in [s["id"] for s in plan["steps"]]
     assert argvs(plan, "flora")[0][-2] == f"{ROOT}[train]"
+
+
+def test_source_defaults_to_this_checkout_and_takes_a_wheel_built_from_it(host, tmp_path):
+    assert host.plan()["sources"]["flora"] == f"{ROOT}[edge]"  # flora-edge is not on PyPI
+    wheel = tmp_path / "dist" / "flora_edge-0.1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    wheel.write_bytes(b"PK")
+    plan = host.plan("--source", str(wheel))
+    assert plan["sources"]["flora"] == f"{wheel}[edge]" and argvs(plan, "flora")[0][-2] == f"{wheel}[edge]"
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("missing/flora_edge-0.1.0-py3-none-any.whl", "no such file"),
+        ("other-1.0-py3-none-any.whl", "neither a directory nor a flora_edge-*.whl"),
+    ],
+)
+def test_a_source_that_is_no_checkout_or_flora_wheel_is_a_usage_error_saying_how_to_build_one(host, source, message):
+    proc = host.run("--source", source)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "pip wheel --no-deps" in proc.stderr and "not on PyPI" in proc.stderr
+
+
+def test_an_installer_outside_a_checkout_needs_source(installer, monkeypatch, tmp_path):
+    monkeypatch.setattr(installer, "CHECKOUT", str(tmp_path))
+    with pytest.raises(SystemExit) as raised:
+        installer.parse_args(["--dry-run"])
+    assert raised.value.code == 2
+    assert installer.parse_args(["--dry-run", "--source", str(ROOT)]).source == str(ROOT)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,23 +303,33 @@ def python310(tmp_path):
 def test_jetpack5_with_a_newer_python_still_needs_a_torch_wheel(host, python310):
     plan = host.plan(release="r35.5.0", python=python310, expect_ok=False)
     assert plan["release"]["jetpack"] == "5.1.3"
-    assert "no PyTorch >= 2.3 wheel from NVIDIA" in plan["error"] and "--torch-wheel" in plan["error"]
+    assert "no PyTorch >= 2.6 wheel from NVIDIA or the Jetson AI Lab" in plan["error"]
+    assert "--torch-wheel" in plan["error"] and "upgrade to JetPack 6.1 or 6.2" in plan["error"]
 
 
 def test_jetpack5_with_python310_and_a_torch_wheel_is_planned_without_4bit(host, python310):
-    wheel = "/srv/wheels/torch-2.4.0-cp310-cp310-linux_aarch64.whl"
+    refused = host.plan(
+        "--torch-wheel",
+        "/srv/torch-2.4.0-cp310-cp310-linux_aarch64.whl",
+        release="r35.5.0",
+        python=python310,
+        expect_ok=False,
+    )
+    assert "PyTorch 2.4.0" in refused["error"] and "below 2.6" in refused["error"]
+    wheel = "/srv/wheels/torch-2.6.0-cp310-cp310-linux_aarch64.whl"
     plan = host.plan("--torch-wheel", wheel, release="r35.5.0", python=python310)
     assert plan["sources"]["torch"]["origin"] == "--torch-wheel" and plan["sources"]["torch"]["python"] == "3.10"
     assert plan["sources"]["bitsandbytes"] is None and plan["quantization"] == {"always": "none"}
     assert plan["sources"]["onnxruntime"] == "onnxruntime (CPU) from PyPI"
     assert argvs(plan, "torch")[0][-1] == wheel
-    assert "cusparselt" not in [s["id"] for s in plan["steps"]]
+    assert "cusparselt" not in [s["id"] for s in plan["steps"]] and "cudss" not in [s["id"] for s in plan["steps"]]
+    assert "--4bit" not in step(plan, "check-training")["probe"]
 
 
 @pytest.mark.parametrize(
     ("release", "python", "message"),
     [
-        ("r36.4.3", "3.12.3", "built for CPython 3.10, but"),  # the JetPack 6 wheels are cp310 only
+        ("r36.4.3", "3.12.3", "is for CPython 3.10, but"),  # the JetPack 6 builds are cp310 only
         ("r36.4.3", "3.9.5", "needs Python >= 3.10"),
     ],
 )
@@ -294,7 +378,7 @@ def test_newer_r36_release_uses_the_newest_sources_with_a_warning(host, tmp_path
     release = tmp_path / "nv_tegra_release"
     release.write_text("# R36 (release), REVISION: 5.2, GCID: 0, BOARD: generic, EABI: aarch64, DATE: synthetic\n")
     plan = host.plan(release=release)
-    assert "/jp/v61/" in plan["sources"]["torch"]["url"]
+    assert plan["sources"]["torch"]["index"].endswith("/jp6/cu126")
     assert any("newer than this installer's table" in w for w in plan["warnings"])
 
 
@@ -384,6 +468,103 @@ def test_an_existing_config_is_kept_and_a_failed_4bit_check_is_pointed_out(insta
     assert 'sets quantization = "4bit", which fails on this device' in capsys.readouterr().err
 
 
+class FakeVenv:
+    """/opt/flora/venv stand-in: bin/python answers the installer's version query and plays the training check."""
+
+    def __init__(self, root: Path, versions: dict, training: dict | None = None, status: int = 0, noise: str = ""):
+        self.root = root
+        self.constraints = root / "constraints.txt"
+        python = root / "bin" / "python"
+        python.parent.mkdir(parents=True)
+        (root / "versions.json").write_text(json.dumps(versions))
+        (root / "training.out").write_text(noise + json.dumps(training or {}) + "\n")
+        python.write_text(
+            "#!/bin/sh\n"
+            f'echo "$*" >> "{root}/calls.log"\n'
+            'case "$*" in\n'
+            f'  *check_training.py*) cat "{root}/training.out"; exit {status};;\n'
+            f'  *) cat "{root}/versions.json";;\n'
+            "esac\n"
+        )
+        python.chmod(0o755)
+
+    def context(self, installer, *args: str, use_bnb: bool = True) -> dict:
+        parsed = installer.parse_args(["--dry-run", "--venv", str(self.root), *args])
+        torch = {"numpy_below_2": True}
+        return {"args": parsed, "torch": torch, "use_bnb": use_bnb, "constraints": str(self.constraints)}
+
+
+JETSON_BUILDS = {"torch": "2.8.0", "bitsandbytes": "0.48.0.dev0", "onnxruntime-gpu": "1.23.0"}
+VERSIONS = {"torch": "2.8.0", "transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.48.0.dev0"}
+
+
+def test_constraints_pin_torch_bitsandbytes_and_onnxruntime_gpu_as_installed(installer, tmp_path, capsys):
+    venv = FakeVenv(tmp_path / "venv", JETSON_BUILDS)
+    installer.action_write_constraints(venv.context(installer))
+    pins = [line for line in venv.constraints.read_text().splitlines() if not line.startswith("#")]
+    assert pins == ["torch==2.8.0", "bitsandbytes==0.48.0.dev0", "onnxruntime-gpu==1.23.0", "numpy<2"]
+
+    only_torch = FakeVenv(tmp_path / "early", {"torch": "2.8.0"})  # right after the torch step
+    installer.action_write_constraints(only_torch.context(installer))
+    assert "torch==2.8.0\nnumpy<2\n" in only_torch.constraints.read_text()
+
+
+def test_a_passing_training_check_decides_4bit_and_pins_the_verified_transformers(installer, tmp_path, capsys):
+    result = {"ok": True, "versions": VERSIONS, "float": {"ok": True, "loss": 1.2, "device": "cuda:0"}}
+    result["4bit"] = {"ok": True, "loss": 1.1}
+    venv = FakeVenv(tmp_path / "venv", JETSON_BUILDS, result, noise="a warning first\n")
+    context = venv.context(installer)
+    installer.action_check_training(context)
+    assert context["quantization"] == "4bit"
+    assert "transformers==5.24.0" in venv.constraints.read_text().splitlines()
+    assert "bitsandbytes==0.48.0.dev0" in venv.constraints.read_text().splitlines()
+    assert "check_training.py --device cuda --4bit" in (venv.root / "calls.log").read_text()
+
+    result["4bit"] = {"ok": False, "error": "RuntimeError: Error named symbol not found at line 90 in file ops.cu"}
+    failing = FakeVenv(tmp_path / "sbsa", JETSON_BUILDS, result)
+    context = failing.context(installer)
+    installer.action_check_training(context)
+    assert context["quantization"] == "none"
+    assert "4-bit training does not run on this GPU (RuntimeError: Error named symbol" in capsys.readouterr().err
+
+
+def test_a_transformers_that_refuses_the_installed_torch_stops_the_installation_with_the_fix(installer, tmp_path):
+    error = (
+        "ImportError: CLIPModel requires PyTorch >= 2.6, but PyTorch was not found or an older version is installed."
+    )
+    result = {"ok": False, "versions": dict(VERSIONS, torch="2.5.0a0+872d972e41.nv24.08"), "float": {"ok": False}}
+    result["float"]["error"] = error
+    venv = FakeVenv(tmp_path / "venv", JETSON_BUILDS, result, status=1)
+    context = venv.context(installer)
+    with pytest.raises(installer.InstallError) as raised:
+        installer.action_check_training(context)
+    message = str(raised.value)
+    assert raised.value.exit_code == 1 and error in message
+    assert "transformers 5.24.0 refuses PyTorch 2.5.0a0+872d972e41.nv24.08: it needs >= 2.6" in message
+    assert f'pip install -c {venv.constraints} "transformers<5.24.0"' in message
+    assert "Nothing was set up as a service" in message and not venv.constraints.exists()
+
+
+def test_a_training_check_that_prints_nothing_useful_still_fails_clearly(installer, tmp_path):
+    venv = FakeVenv(tmp_path / "venv", JETSON_BUILDS, status=1, noise="ImportError: libcudss.so.0: cannot open\n")
+    with pytest.raises(installer.InstallError, match=r"libcudss\.so\.0 is missing: install cuDSS 0\.6\.0"):
+        installer.action_check_training(venv.context(installer, use_bnb=False))
+
+
+def test_the_training_check_trains_a_tiny_clip_with_lora_here(tmp_path):
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    script = INSTALLER.parent / "check_training.py"
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"))
+    proc = subprocess.run(
+        [sys.executable, str(script), "--device", "cpu"], capture_output=True, text=True, env=env, timeout=240
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert proc.returncode == 0 and result["ok"] is True, proc.stdout + proc.stderr
+    assert result["float"]["lora_tensors"] == 12 and result["float"]["updated"] >= 1  # q, v, out_proj x 2 layers x A, B
+    assert result["versions"]["transformers"] and "4bit" not in result
+
+
 def test_node_id_from_hostname(installer):
     assert installer.node_id_from_hostname("jetson-orin-07") == "jetson-orin-07"
     assert installer.node_id_from_hostname("my jetson/07") == "my-jetson-07"
@@ -399,18 +580,47 @@ def test_sample_files_parse_to_their_names(releases):
         assert releases.dotted(releases.parse_release(path.read_text())) == path.name[1:]
 
 
-def test_every_default_torch_wheel_fits_its_line(releases):
+def test_every_torch_source_names_its_line_and_version(releases):
     for family in releases.FAMILIES:
-        torch = family.get("torch")
-        if not torch:
-            continue
-        url = torch["url"]
-        assert url.startswith(releases.NVIDIA_REDIST + "/v") and url.endswith("-linux_aarch64.whl")
-        assert releases.wheel_python_tag(url) == torch["python"] == family["python"]
-        assert releases.parse_version(torch["version"])[:2] >= releases.MIN_TORCH
-        assert f"torch-{torch['version']}" in url
+        for choice, torch in (family.get("torch") or {}).items():
+            if not torch:
+                continue
+            assert torch["python"] == family["python"] and releases.parse_version(torch["version"])
+            if choice == "nvidia":
+                assert torch["url"].startswith(releases.NVIDIA_REDIST + "/v") and torch["url"].endswith(".whl")
+                assert releases.wheel_python_tag(torch["url"]) == torch["python"]
+                assert releases.wheel_torch_version(torch["url"]).startswith(torch["version"])
+            else:
+                assert torch["index"].startswith(releases.JETSON_AI_LAB + "/jp6/cu")
+                assert torch["index"].endswith(family["cuda"].replace(".", ""))
     for l4t in releases.JETPACK_BY_L4T:
         assert releases.find_family(l4t) is not None, l4t
+    # The line the installer is for has a default PyTorch that transformers accepts.
+    default = releases.find_family((36, 4, 3))["torch"]["jetson-ai-lab"]
+    assert releases.parse_version(default["version"])[:2] >= releases.MIN_TORCH
+
+
+def test_min_torch_is_one_number_in_pyproject_the_installer_and_edge_md(releases):
+    import tomllib
+
+    train = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["train"]
+    (torch,) = [r for r in train if re.match(r"torch\b", r)]
+    minimum = releases.dotted(releases.MIN_TORCH)
+    assert torch == f"torch>={minimum}"
+    edge = (ROOT / "docs" / "EDGE.md").read_text()
+    stated = set(re.findall(r"PyTorch (?:≥|>=) ?(\d+\.\d+)", edge))
+    assert stated == {minimum}, f"docs/EDGE.md states PyTorch >= {sorted(stated)}; the installer needs {minimum}"
+
+
+def test_min_torch_is_what_the_installed_transformers_accepts(releases):
+    # transformers raises its floor within 5.x (2.2 in 5.0, 2.4 in 5.1, 2.6 by 5.20): a newer floor than MIN_TORCH
+    # means the installer would plan a PyTorch that `flora client` cannot use.
+    spec = importlib.util.find_spec("transformers.utils.import_utils")
+    source = Path(spec.origin).read_text()
+    found = re.search(r"Disabling PyTorch because PyTorch >= ([0-9.]+) is required", source)
+    assert found, "transformers' PyTorch floor message moved: find the new one in transformers/utils/import_utils.py"
+    floor = releases.parse_version(found.group(1))
+    assert floor <= releases.MIN_TORCH, f"transformers now needs PyTorch >= {found.group(1)}: raise MIN_TORCH"
 
 
 def test_scripts_keep_python36_syntax_so_old_jetpacks_get_a_clear_refusal():

@@ -6,10 +6,13 @@
     sudo python3 deploy/jetson/install.py --source .        # install from this checkout
 
 What it does: reads the L4T release (/etc/nv_tegra_release, cross-checked with the nvidia-jetpack package), picks
-PyTorch from NVIDIA's JetPack wheels, bitsandbytes and onnxruntime-gpu from the Jetson AI Lab index, installs them
-and FLoRA Edge into /opt/flora/venv, checks that PyTorch sees CUDA and that 4-bit quantization actually runs on the
-GPU, creates the `flora` user, writes /etc/flora/client.toml from deploy/client.toml.example if absent (never over
-an existing one) and installs and enables deploy/systemd/flora-client.service. See docs/EDGE.md.
+PyTorch, bitsandbytes and onnxruntime-gpu from the Jetson AI Lab index (refusing, before installing anything, a
+PyTorch below what transformers accepts), installs them and FLoRA Edge (from this checkout, or --source: a checkout
+or a wheel built from one) into /opt/flora/venv, pins those builds in /opt/flora/constraints.txt, checks that
+PyTorch sees CUDA, then runs one LoRA training step on a tiny CLIP on the GPU (and one on a 4-bit base: its result
+decides the quantization), creates the `flora` user, writes /etc/flora/client.toml from deploy/client.toml.example
+if absent (never over an existing one) and installs and enables deploy/systemd/flora-client.service. See
+docs/EDGE.md.
 
 Python, not bash: the plan is data (printed for people, JSON for tests), release detection and version rules are
 tables and functions that tests/test_deploy.py runs against sample release files, and TOML is rendered safely.
@@ -36,16 +39,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from jetson_releases import (  # noqa: E402 - the sibling module is found through HERE
+    CUDSS_DEB,
+    CUDSS_VERSION,
     CUSPARSELT_DEB,
     CUSPARSELT_VERSION,
     EXIT_FAILED,
     EXIT_USAGE,
     JETPACK_BY_L4T,
+    MIN_TORCH,
     PYPI,
     InstallError,
     capture,
     check_python,
+    check_torch_version,
     describe_release,
+    dotted,
     jetpack_from_dpkg,
     parse_release,
     parse_version,
@@ -55,6 +63,8 @@ from jetson_releases import (  # noqa: E402 - the sibling module is found throug
 )
 
 DEPLOY_DIR = os.path.dirname(HERE)
+CHECKOUT = os.path.dirname(DEPLOY_DIR)  # the flora-edge checkout this installer belongs to, if it is in one
+CHECK_SCRIPT = os.path.join(HERE, "check_training.py")
 CLIENT_TEMPLATE = os.path.join(DEPLOY_DIR, "client.toml.example")
 UNIT_SOURCE = os.path.join(DEPLOY_DIR, "systemd", "flora-client.service")
 BACKOFF_SOURCE = os.path.join(DEPLOY_DIR, "systemd", "flora-client.service.d", "restart-backoff.conf")
@@ -82,15 +92,18 @@ if info["available"]:
     info["sum"] = float((torch.ones(4, device="cuda") * 2).sum())
 print(json.dumps(info))
 """
-# Importing bitsandbytes proves nothing on a Jetson: PyPI's aarch64 wheels are built for server ARM (sbsa) and fail
-# at the first kernel launch on Orin ("named symbol not found"). Quantize and run a 4-bit layer on the GPU.
-BNB_CHECK = """\
-import torch, bitsandbytes as bnb
-layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float16, quant_type="nf4").to("cuda")
-out = layer(torch.randn(8, 64, dtype=torch.float16, device="cuda"))
-torch.cuda.synchronize()
-assert bool(torch.isfinite(out).all()), "4-bit layer returned non-finite values"
-print(bnb.__version__)
+# The builds that constraints.txt pins once installed: every later `pip install -c` keeps them (a plain PyPI
+# resolution would replace them with a CPU torch, a server-ARM bitsandbytes, a CPU onnxruntime).
+PINNED = ("torch", "bitsandbytes", "onnxruntime-gpu")
+VERSIONS_QUERY = """\
+import importlib.metadata as m, json, sys
+found = {}
+for name in sys.argv[1:]:
+    try:
+        found[name] = m.version(name)
+    except m.PackageNotFoundError:
+        pass
+print(json.dumps(found))
 """
 ORT_CHECK = "import onnxruntime as ort; print(' '.join(ort.get_available_providers()))"
 
@@ -118,7 +131,9 @@ class Command:
 
 
 class Step:
-    def __init__(self, sid, title, commands=(), optional=False, fallback=(), action=None, note=None, unless=None):
+    def __init__(
+        self, sid, title, commands=(), optional=False, fallback=(), action=None, note=None, unless=None, probe=None
+    ):
         self.sid = sid
         self.title = title
         self.commands = list(commands)
@@ -127,6 +142,7 @@ class Step:
         self.action = action  # callable(context) run after the commands
         self.note = note
         self.unless = unless  # (description, predicate): the whole step is skipped when the predicate holds
+        self.probe = probe  # a Command the action runs and reads (shown in the plan, run by the action)
 
     def to_json(self):
         return {
@@ -136,6 +152,7 @@ class Step:
             "commands": [c.to_json() for c in self.commands],
             "optional": self.optional,
             "fallback": [c.to_json() for c in self.fallback],
+            "probe": self.probe.argv if self.probe else None,
             "note": self.note,
         }
 
@@ -156,8 +173,26 @@ def _user_exists(name):
         return False
 
 
-def _has_cusparselt():
-    return "libcusparseLt.so.0" in capture(["ldconfig", "-p"])[1]
+def _has_library(name):
+    return lambda: name in capture(["ldconfig", "-p"])[1]
+
+
+def local_repo_step(sid, title, deb_url, keyring, package, library):
+    """Install `package` from one of NVIDIA's local Tegra apt repositories (a .deb that unpacks the repository and
+    its `keyring` under /var), unless `library` is already known to the dynamic linker."""
+    deb = f"/tmp/{sid}-local-tegra-repo.deb"
+    return Step(
+        sid,
+        title,
+        [
+            Command(["wget", "-q", "-O", deb, deb_url]),
+            Command(["dpkg", "-i", deb]),
+            Command(["sh", "-c", f"cp {keyring} /usr/share/keyrings/"]),
+            Command(["apt-get", "update"]),
+            Command(["apt-get", "install", "-y", package]),
+        ],
+        unless=(f"{library} is already installed", _has_library(library)),
+    )
 
 
 def build_plan(args, plan):
@@ -176,20 +211,25 @@ def build_plan(args, plan):
     steps.append(Step("system-packages", "Install system packages (apt)", commands))
 
     if family["cusparselt"]:
-        repo = f"/var/cusparselt-local-tegra-repo-ubuntu2204-{CUSPARSELT_VERSION}"
-        deb = "/tmp/cusparselt-local-tegra-repo.deb"
         steps.append(
-            Step(
+            local_repo_step(
                 "cusparselt",
                 f"Install cuSPARSELt {CUSPARSELT_VERSION} (libcusparseLt.so.0, needed by JetPack 6.1+ PyTorch builds)",
-                [
-                    Command(["wget", "-q", "-O", deb, CUSPARSELT_DEB]),
-                    Command(["dpkg", "-i", deb]),
-                    Command(["sh", "-c", f"cp {repo}/cusparselt-*-keyring.gpg /usr/share/keyrings/"]),
-                    Command(["apt-get", "update"]),
-                    Command(["apt-get", "install", "-y", "libcusparselt0"]),
-                ],
-                unless=("libcusparseLt.so.0 is already installed", _has_cusparselt),
+                CUSPARSELT_DEB,
+                f"/var/cusparselt-local-tegra-repo-ubuntu2204-{CUSPARSELT_VERSION}/cusparselt-*-keyring.gpg",
+                "libcusparselt0",
+                "libcusparseLt.so.0",
+            )
+        )
+    if family["cudss"]:
+        steps.append(
+            local_repo_step(
+                "cudss",
+                f"Install cuDSS {CUDSS_VERSION} (libcudss.so.0, needed by the Jetson AI Lab's PyTorch 2.8)",
+                CUDSS_DEB,
+                f"/var/cudss-local-tegra-repo-ubuntu2204-{CUDSS_VERSION}/cudss-*-keyring.gpg",
+                "cudss",
+                "libcudss.so.0",
             )
         )
 
@@ -205,14 +245,18 @@ def build_plan(args, plan):
         )
     )
 
+    numpy = ["numpy<2"] if torch.get("numpy_below_2") else []
     if torch["kind"] == "wheel":
-        torch_cmd = pip + (["numpy<2"] if torch.get("numpy_below_2") else []) + [torch["url"]]
+        torch_cmd = [*pip, *numpy, torch["url"]]
     else:
-        torch_cmd = [*pip, "--index-url", torch["index"], "torch"]
+        # Only that index, and an exact version: newer torch versions there are not built for this CUDA.
+        torch_cmd = [*pip, "--index-url", torch["index"], *numpy, f"torch=={torch['version']}"]
     steps.append(
         Step(
             "torch",
-            f"Install PyTorch ({torch['origin']}; CUDA {family['cuda']})",
+            f"Install PyTorch {torch.get('version') or ''} ({torch['origin']}; CUDA {family['cuda']})".replace(
+                "  ", " "
+            ),
             [Command(torch_cmd)],
             action=action_check_torch,
             note="then: PyTorch must see the GPU, or the installation stops",
@@ -223,7 +267,7 @@ def build_plan(args, plan):
             "pin-torch",
             f"Pin the installed PyTorch in {CONSTRAINTS}, so no later pip install replaces it with a CPU wheel",
             action=action_write_constraints,
-            note="torch==<the installed version>" + (", numpy<2" if torch.get("numpy_below_2") else ""),
+            note="torch==<the installed version>" + (", numpy<2" if numpy else ""),
         )
     )
     if use_bnb:
@@ -233,7 +277,8 @@ def build_plan(args, plan):
                 f"Install bitsandbytes built for Jetson (sm_87) from {index}",
                 [Command([*pip, "--no-deps", "--index-url", index, "bitsandbytes"])],
                 optional=True,
-                note="if this fails, pip falls back to PyPI's aarch64 wheel, which the 4-bit check below rejects",
+                note="if this fails, 4-bit stays off: PyPI's aarch64 wheel is built for server ARM and the 4-bit "
+                "training check rejects it",
             )
         )
     if index:
@@ -252,32 +297,40 @@ def build_plan(args, plan):
     steps.append(ort)
     steps.append(
         Step(
+            "pin-builds",
+            f"Pin the installed {', '.join(PINNED)} in {CONSTRAINTS} (those present), so that installing FLoRA "
+            "Edge keeps the Jetson builds",
+            action=action_write_constraints,
+            note=" ".join(f"{name}==<installed>" for name in PINNED) + (", numpy<2" if numpy else ""),
+        )
+    )
+    steps.append(
+        Step(
             "flora",
             f"Install FLoRA Edge ({package}) and onnx",
             # Not the [export] extra: it names `onnxruntime`, which would install the CPU package over onnxruntime-gpu.
             [Command([*pip_constrained, package, "onnx>=1.16"])],
         )
     )
-    if use_bnb:
-        steps.append(
-            Step(
-                "check-4bit",
-                "Check that 4-bit quantization runs on the GPU (decides quantization in the config)",
-                [],
-                action=action_check_4bit,
-                note='on failure: quantization = "none" and a message saying why',
-            )
-        )
-    else:
-        steps.append(
-            Step(
-                "check-4bit",
-                "4-bit quantization disabled",
-                note="bitsandbytes skipped (--no-bitsandbytes)"
+    probe = [venv_python, CHECK_SCRIPT, "--device", "cuda"] + (["--4bit"] if use_bnb else [])
+    steps.append(
+        Step(
+            "check-training",
+            "Check training: a tiny CLIP written and loaded with transformers, LoRA (peft) on its text tower, one "
+            "optimizer step on the GPU" + (", then one on a 4-bit (bitsandbytes NF4) base" if use_bnb else ""),
+            action=action_check_training,
+            probe=Command(probe),
+            note="a failed full-precision step stops the installation before the service is set up; "
+            + ('the 4-bit step decides quantization = "4bit" or "none"' if use_bnb else 'quantization = "none": ')
+            + (
+                ""
+                if use_bnb
+                else "bitsandbytes skipped (--no-bitsandbytes)"
                 if args.no_bitsandbytes
-                else f"no bitsandbytes build known for {family['line']}",
-            )
+                else f"no bitsandbytes build known for {family['line']}"
+            ),
         )
+    )
     steps.append(Step("check-onnxruntime", "Report ONNX Runtime's execution providers", action=action_check_ort))
     steps.append(
         Step(
@@ -351,10 +404,12 @@ def action_check_torch(context):
         hints = [f"PyTorch in {context['args'].venv} does not see the GPU ({out or 'no output'})."]
         if status != 0 and "libcusparseLt" in out:
             hints.append("libcusparseLt.so.0 is missing: install cuSPARSELt (see docs/EDGE.md, troubleshooting).")
+        elif status != 0 and "libcudss" in out:
+            hints.append(f"libcudss.so.0 is missing: install cuDSS {CUDSS_VERSION} (the `cudss` step of --dry-run).")
         elif info.get("cuda") is None and status == 0:
             hints.append(
-                "torch.version.cuda is None: a CPU wheel from PyPI got installed. Reinstall the JetPack wheel: "
-                f"{context['args'].venv}/bin/pip install --force-reinstall --no-deps <JetPack torch wheel>."
+                "torch.version.cuda is None: a CPU wheel from PyPI got installed. Reinstall the Jetson build: "
+                f"{context['args'].venv}/bin/pip install --force-reinstall --no-deps <the torch command of --dry-run>."
             )
         hints.append("Is the user in group video, and does `nvidia-smi` or `tegrastats` show the GPU?")
         raise InstallError(" ".join(hints))
@@ -362,29 +417,106 @@ def action_check_torch(context):
     say(f"    PyTorch {info['version']}, CUDA {info['cuda']}, {info.get('device')} (sm_{info['capability']})")
 
 
+def _constraints(context):
+    return context.get("constraints") or CONSTRAINTS
+
+
+def _last_json(out):
+    """The last line of a probe's output that is a JSON object (warnings may come before it), or {}."""
+    for line in reversed(out.splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    return {}
+
+
 def action_write_constraints(context):
-    lines = [f"torch=={context['torch_version']}"]
+    """Pin what the venv has of PINNED (and, once the training check passed, the transformers it verified)."""
+    status, out = capture([_venv_python(context), "-c", VERSIONS_QUERY, *PINNED], merge_stderr=True)
+    found = _last_json(out) if status == 0 else {}
+    if "torch" not in found:
+        raise InstallError(
+            f"cannot read the installed PyTorch version in {context['args'].venv} ({out or 'no output'})"
+        )
+    lines = [f"{name}=={found[name]}" for name in PINNED if name in found]
     if context["torch"].get("numpy_below_2"):
         lines.append("numpy<2")
-    os.makedirs(os.path.dirname(CONSTRAINTS), exist_ok=True)
-    with open(CONSTRAINTS, "w") as handle:
+    if context.get("transformers_version"):
+        # The transformers that the training check ran with: a later upgrade cannot bring one that refuses this torch.
+        lines.append(f"transformers=={context['transformers_version']}")
+    path = _constraints(context)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as handle:
         handle.write(
-            "# Written by deploy/jetson/install.py: keep the JetPack PyTorch build.\n" + "\n".join(lines) + "\n"
+            "# Written by deploy/jetson/install.py: keep the Jetson builds (and the transformers verified with them).\n"
+            "# Use with every pip install in this venv: pip install -c " + path + " ...\n" + "\n".join(lines) + "\n"
         )
+    say(f"    {path}: " + ", ".join(lines))
 
 
-def action_check_4bit(context):
-    status, out = capture([_venv_python(context), "-c", BNB_CHECK], merge_stderr=True)
-    if status == 0:
+def training_check_argv(context):
+    argv = [_venv_python(context), CHECK_SCRIPT, "--device", "cuda"]
+    return argv + (["--4bit"] if context.get("use_bnb") else [])
+
+
+def training_failure(context, result, out):
+    """InstallError for a failed full-precision training check, with the fix for the causes we know."""
+    venv = context["args"].venv
+    error = (result.get("float") or {}).get("error") or (out.strip().splitlines() or ["no output"])[-1]
+    versions = result.get("versions") or {}
+    hints = [f"the training check failed in {venv}: {error}"]
+    needed = re.search(r"PyTorch >= ?([0-9][0-9.]*)", out)
+    if needed:
+        transformers = versions.get("transformers", "?")
+        hints.append(
+            f"transformers {transformers} refuses PyTorch {versions.get('torch', '?')}: it needs >= "
+            f"{needed.group(1)}, newer than this installer's minimum {dotted(MIN_TORCH)} (jetson_releases.MIN_TORCH, "
+            "pyproject.toml's `train` extra and docs/EDGE.md name it together). Install a PyTorch it accepts "
+            "(--torch-wheel), or keep this one with an older transformers: "
+            f'`{venv}/bin/pip install -c {_constraints(context)} "transformers<{transformers}"`, then run the '
+            "installer again."
+        )
+    elif "libcudss" in out:
+        hints.append(f"libcudss.so.0 is missing: install cuDSS {CUDSS_VERSION} (the `cudss` step of --dry-run).")
+    elif "libcusparseLt" in out:
+        hints.append("libcusparseLt.so.0 is missing: install cuSPARSELt (the `cusparselt` step of --dry-run).")
+    elif "out of memory" in out.lower():
+        hints.append("The GPU ran out of memory on a tiny model: stop other GPU processes and run the installer again.")
+    hints.append(
+        "Nothing was set up as a service. To repeat the check: "
+        + " ".join(shlex.quote(a) for a in training_check_argv(context))
+    )
+    return InstallError(" ".join(hints), exit_code=EXIT_FAILED)
+
+
+def action_check_training(context):
+    status, out = capture(training_check_argv(context), merge_stderr=True)
+    result = _last_json(out)
+    if status != 0 or not result.get("ok"):
+        raise training_failure(context, result, out)
+    versions, step = result.get("versions") or {}, result["float"]
+    say(
+        f"    one LoRA step on {step.get('device')}: loss {step.get('loss')} (torch {versions.get('torch')}, "
+        f"transformers {versions.get('transformers')}, peft {versions.get('peft')})"
+    )
+    context["transformers_version"] = versions.get("transformers")
+    action_write_constraints(context)
+    if not context.get("use_bnb"):
+        context["quantization"] = "none"
+        return
+    four = result.get("4bit") or {"ok": False, "error": "no 4-bit result"}
+    if four.get("ok"):
         context["quantization"] = "4bit"
-        say(f"    bitsandbytes {out.splitlines()[-1] if out else '?'} runs 4-bit layers on the GPU: quantization 4bit")
+        say(f"    bitsandbytes {versions.get('bitsandbytes')} trains on a 4-bit base: quantization 4bit")
         return
     context["quantization"] = "none"
-    last = out.splitlines()[-1] if out else "no output"
     warn(
-        f'4-bit quantization does not run on this GPU ({last}). The generated config uses quantization = "none" '
-        "(the model stays in float32, about 0.6 GB for CLIP ViT-B/32). To enable 4-bit later, build bitsandbytes "
-        'for sm_87 (docs/EDGE.md, troubleshooting) and set quantization = "4bit".'
+        f"4-bit training does not run on this GPU ({four.get('error')}). The generated config uses quantization = "
+        '"none" (the model stays in float32, about 0.6 GB for CLIP ViT-B/32). To enable 4-bit later, build '
+        'bitsandbytes for sm_87 (docs/EDGE.md, troubleshooting) and set quantization = "4bit".'
     )
 
 
@@ -472,13 +604,15 @@ def print_plan(plan, steps, dry_run):
     say(f"  python        {py['path']} {py['version']} (needs {py['required']}): ok")
     sources = plan["sources"]
     torch = sources["torch"]
-    say(f"  torch         {torch['origin']}: {torch.get('url') or torch.get('index')}")
+    where = torch.get("url") or f"torch=={torch['version']} from {torch['index']}"
+    say(f"  torch         {torch['origin']}: {where} (needs >= {plan['min_torch']}: ok)")
     say(f"  bitsandbytes  {sources['bitsandbytes'] or 'skipped: 4-bit quantization disabled'}")
     say(f"  onnxruntime   {sources['onnxruntime']}")
     say(f"  flora-edge    {sources['flora']}")
     quant = plan["quantization"]
     say(
-        "  quantization  " + ('"4bit" if the 4-bit GPU check passes, else "none"' if "otherwise" in quant else '"none"')
+        "  quantization  "
+        + ('"4bit" if the 4-bit training step passes, else "none"' if "otherwise" in quant else '"none"')
     )
     say(f"  config        {plan['config']['path']} ({'exists: kept' if plan['config']['exists'] else 'written'})")
     say(f"  systemd       {plan['systemd'] or 'unknown'}; restart backoff drop-in: {plan['restart_backoff']}")
@@ -490,6 +624,8 @@ def print_plan(plan, steps, dry_run):
             say(f"      {command.render()}")
         for command in step.fallback:
             say(f"      if that fails: {command.render()}")
+        if step.probe:
+            say(f"      {step.probe.render()}    # output read by the installer")
         if step.note:
             say(f"      ({step.note})")
     for text in plan["warnings"]:
@@ -550,6 +686,7 @@ def gather(args):
     try:
         torch = torch_source(family, args.torch_source, args.torch_wheel)
         python = check_python(family, args.python, python_version(args.python), torch)
+        check_torch_version(family, torch, warnings)
     except InstallError as exc:
         exc.release = release
         raise
@@ -557,7 +694,7 @@ def gather(args):
     index = family["index"]
     use_bnb = bool(index) and not args.no_bitsandbytes
     extras = "edge" if use_bnb else "train"  # [edge] = [train] + bitsandbytes
-    package = f"{os.path.abspath(args.source)}[{extras}]" if args.source else f"flora-edge[{extras}]"
+    package = f"{args.source}[{extras}]"  # a checkout or a wheel: pip takes extras on both
     config_exists = os.path.exists(args.config_path)
     return {
         "release_file": args.release_file,
@@ -567,13 +704,14 @@ def gather(args):
         "sources": {
             "torch": {k: v for k, v in torch.items() if k != "numpy_below_2"},
             "jetson_index": index,
-            "bitsandbytes": f"{index} (--no-deps), then checked on the GPU" if use_bnb else None,
+            "bitsandbytes": f"{index} (--no-deps), then a 4-bit training step on the GPU" if use_bnb else None,
             "onnxruntime": f"onnxruntime-gpu from {index}, else onnxruntime (CPU) from PyPI"
             if index
             else "onnxruntime (CPU) from PyPI",
             "flora": package,
         },
         "quantization": {"if_4bit_check_passes": "4bit", "otherwise": "none"} if use_bnb else {"always": "none"},
+        "min_torch": dotted(MIN_TORCH),
         "config": {"path": args.config_path, "exists": config_exists},
         "node_id": args.node_id,
         "systemd": systemd,
@@ -585,6 +723,37 @@ def gather(args):
         "_torch": torch,
         "_use_bnb": use_bnb,
     }
+
+
+def is_flora_checkout(path):
+    try:
+        with open(os.path.join(path, "pyproject.toml")) as handle:
+            return re.search(r'^name\s*=\s*"flora-edge"', handle.read(), re.M) is not None
+    except OSError:
+        return False
+
+
+def resolve_source(parser, source):
+    """The absolute path pip installs FLoRA Edge from: a checkout or a flora_edge wheel; usage error otherwise."""
+    how = (
+        "pass --source with a flora-edge checkout, or a wheel built from one (`python3 -m pip wheel --no-deps "
+        "-w dist .` in the checkout, then --source dist/flora_edge-<version>-py3-none-any.whl); flora-edge is "
+        "not on PyPI"
+    )
+    if source is None:
+        if is_flora_checkout(CHECKOUT):
+            return CHECKOUT
+        parser.error(f"this installer is not inside a flora-edge checkout ({CHECKOUT}): {how}")
+    path = os.path.abspath(source)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "pyproject.toml")):
+            parser.error(f"--source {source}: no pyproject.toml there; {how}")
+        return path
+    if not re.match(r"flora_edge-[^-]+-.*\.whl$", os.path.basename(path)):
+        parser.error(f"--source {source}: neither a directory nor a flora_edge-*.whl file; {how}")
+    if not os.path.isfile(path):
+        parser.error(f"--source {source}: no such file; {how}")
+    return path
 
 
 def parse_args(argv):
@@ -599,12 +768,18 @@ def parse_args(argv):
         "--release-file", default=None, help="read this file instead of /etc/nv_tegra_release (with --dry-run only)"
     )
     parser.add_argument("--python", default=None, help="interpreter for the venv (default: /usr/bin/python3)")
-    parser.add_argument("--source", default=None, help="install FLoRA Edge from this checkout instead of PyPI")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="FLoRA Edge to install: a checkout (a directory with pyproject.toml) or a wheel built from one "
+        "(flora_edge-*.whl); default: the checkout this installer is in. flora-edge is not on PyPI.",
+    )
     parser.add_argument(
         "--torch-source",
-        choices=("nvidia", "jetson-ai-lab"),
-        default="nvidia",
-        help="NVIDIA's JetPack wheel (default) or the Jetson AI Lab index (newer builds)",
+        choices=("jetson-ai-lab", "nvidia"),
+        default="jetson-ai-lab",
+        help="the Jetson AI Lab index (default) or NVIDIA's JetPack wheel "
+        f"(below PyTorch {dotted(MIN_TORCH)}: refused)",
     )
     parser.add_argument("--torch-wheel", default=None, help="install this PyTorch wheel (URL or file) instead")
     parser.add_argument("--no-bitsandbytes", action="store_true", help="skip bitsandbytes; 4-bit stays disabled")
@@ -620,8 +795,7 @@ def parse_args(argv):
         parser.error("--json needs --dry-run")
     if args.release_file and not args.dry_run:
         parser.error("--release-file is for previewing with --dry-run; a real installation reads the device's own")
-    if args.source and not os.path.isfile(os.path.join(args.source, "pyproject.toml")):
-        parser.error(f"--source {args.source}: no pyproject.toml there; pass the root of a flora-edge checkout")
+    args.source = resolve_source(parser, args.source)
     if args.python is None:
         args.python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else "python3"
     args.release_file = args.release_file or DEFAULT_RELEASE_FILE
@@ -655,7 +829,7 @@ def main(argv=None):
     print_plan(plan, steps, args.dry_run)
     if args.dry_run:
         return 0
-    context = {"args": args, "torch": plan["_torch"], "quantization": "none"}
+    context = {"args": args, "torch": plan["_torch"], "quantization": "none", "use_bnb": plan["_use_bnb"]}
     os.environ.setdefault("DEBIAN_FRONTEND", "noninteractive")  # apt-get must never stop to ask
     os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     try:
