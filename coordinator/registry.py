@@ -3,12 +3,18 @@
 A status is checked against its schema (flora/protocol/schema.py) before anything in it is kept: a status
 that breaks it is dropped with a logged reason, and capabilities keep only well-formed, finite entries, so
 what the registry holds is always valid for selection, weighting and the JSON checkpoint.
+
+Statuses come off the network, and on an open broker anyone can announce any number of nodes, so what the
+registry holds is bounded: a status payload is at most MAX_STATUS_BYTES (an honest one is well under 1 KB;
+the coordinator drops a larger one before it is parsed into the registry), and at most `max_unknown_nodes`
+nodes that are not known devices are kept (known: provisioned with a key, when the coordinator has device
+keys). A newcomer beyond that evicts the unknown node that was offline longest, else the one seen longest ago.
 """
 
 from __future__ import annotations
 
-import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -18,8 +24,12 @@ from flora.algorithms import Candidate
 from flora.errors import ProtocolError
 from flora.protocol.schema import check_data
 from flora.records import json_safe
+from flora.throttled_log import ThrottledLog
 
-log = logging.getLogger(__name__)
+log = ThrottledLog(__name__)  # statuses come off the network: a flood of bad ones must not flood the log
+
+MAX_STATUS_BYTES = 16 * 1024  # a status envelope, signature included: an honest one is a few hundred bytes
+MAX_UNKNOWN_NODES = 2048  # nodes without a device key (all of them on an unsigned fleet): 4x the 500-client target
 
 
 @dataclass(frozen=True)
@@ -49,17 +59,28 @@ class NodeInfo:
 
 
 class Registry:
-    def __init__(self):
+    def __init__(
+        self, max_unknown_nodes: int = MAX_UNKNOWN_NODES, is_known: Callable[[str], bool] = lambda node: False
+    ):
         self.nodes: dict[str, NodeInfo] = {}
+        self.max_unknown_nodes = max_unknown_nodes
+        self.is_known = is_known  # a provisioned device: never evicted (their number is the operator's)
+        self.evicted = 0
+        self._unknown: set[str] = set()  # nodes admitted without being known devices, the ones counted
 
     def update(self, node: str, data: dict[str, Any]) -> NodeInfo:
         """Apply `node`'s status; one that breaks the status schema changes nothing (logged, never raised)."""
-        info = self.nodes.setdefault(node, NodeInfo(node))
         try:
             data = check_data("status", data, sender=node)
         except ProtocolError as exc:
-            log.warning("dropped status from %s: %s; the node keeps its previous state %r", node, exc, info.state)
-            return info
+            known = self.nodes.get(node)
+            previous = known.state if known is not None else "unknown"
+            log.warning("bad-status", "dropped status from %s: %s; the node keeps its state %r", node, exc, previous)
+            return known if known is not None else NodeInfo(node)
+        if node not in self.nodes and not self.is_known(node):
+            self._make_room_for_unknown(node)
+            self._unknown.add(node)
+        info = self.nodes.setdefault(node, NodeInfo(node))
         info.state = data["state"]
         if "capabilities" in data:
             info.capabilities = data["capabilities"]
@@ -72,6 +93,25 @@ class Registry:
         """The dataset size `node` announced in its status (capabilities `dataset_size`), if any."""
         info = self.nodes.get(node)
         return info.capabilities.get("dataset_size") if info is not None else None
+
+    def _make_room_for_unknown(self, newcomer: str) -> None:
+        if len(self._unknown) < self.max_unknown_nodes:
+            return
+        unknown = [self.nodes[node] for node in self._unknown]
+        # Offline first (a departed node costs nobody anything), then the one not heard from for longest.
+        victim = min(unknown, key=lambda info: (info.state == "online", info.last_seen))
+        del self.nodes[victim.node]
+        self._unknown.discard(victim.node)
+        self.evicted += 1
+        log.warning(
+            "evicted",
+            "registry holds %d nodes that are not known devices (limit %d): forgot %s (%s) for %s",
+            len(unknown),
+            self.max_unknown_nodes,
+            victim.node,
+            victim.state,
+            newcomer,
+        )
 
     def online(self, recipe: str | None = None, requirements: Requirements | None = None) -> list[str]:
         """Online nodes (sorted, so selection is reproducible) on `recipe` that meet `requirements`."""

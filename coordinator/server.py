@@ -41,9 +41,10 @@ from coordinator.events import (
     UpdateRejected,
     UpdatesCollected,
 )
+from coordinator.intake import EarlyUpdates, check_early_update, max_update_bytes
 from coordinator.live_view import RoundView
 from coordinator.outputs import MetricsPlot, ReportWriter
-from coordinator.registry import Registry, Requirements, checked_selection
+from coordinator.registry import MAX_STATUS_BYTES, Registry, Requirements, checked_selection
 from coordinator.signatures import Authenticator
 from coordinator.validation import validate_update
 from coordinator.weighting import cap_weight, round_update_metrics
@@ -53,12 +54,12 @@ from flora.errors import FloraError, ProtocolError, RejectReason
 from flora.modeling.training_info import TrainingInfo
 from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes
 from flora.records import RoundRecord, RunReport
+from flora.throttled_log import ThrottledLog
 from flora.transport import Message, Transport
 from flora.transport.base import RECONNECTED
 
 log = logging.getLogger(__name__)
-
-MAX_EARLY_UPDATES = 10_000  # bound on held updates (a flood must not exhaust memory)
+drops = ThrottledLog(__name__)  # rejections: a flood of them must not flood the log
 
 
 class RoundFailed(FloraError):
@@ -81,10 +82,10 @@ class Coordinator:
         self.evaluator = evaluator
         self.strategy = strategy
         self.topics = Topics(config.run_id)
-        self.registry = Registry()
         self.requirements = Requirements(config.min_client_memory_mb, config.require_4bit)
         self.checkpoints = CheckpointStore(config.checkpoint_dir)
         self.auth = Authenticator(config)  # signs what we publish; verifies devices (when keys are configured)
+        self.registry = Registry(is_known=self.auth.knows)  # bounded: unknown nodes are capped and evicted
         self.rejections: collections.Counter[str] = collections.Counter()
         self.history: list[RoundRecord] = []
         self.initial: dict[str, Any] | None = None
@@ -92,7 +93,7 @@ class Coordinator:
         self.next_round = 1
         self._started = False
         self._instruction: Message | None = None  # the open round's, re-published after a reconnect
-        self._early: list[Message] = []  # updates for the next round that arrived before it opened
+        self._early = EarlyUpdates()  # updates for the next round that arrived before it opened
         self._open_round: int | None = None  # the round collecting updates, for UpdateRejected
         self.events = EventBus()
         out = Path(config.output_dir)
@@ -298,6 +299,9 @@ class Coordinator:
             return None  # a cleared retained topic, not a message
         if message is None or "/status/" not in message.topic:
             return message
+        if len(message.payload) > MAX_STATUS_BYTES:  # before it is parsed: the registry keeps what it holds
+            drops.warning("status size", "dropped a %d-byte status on %s", len(message.payload), message.topic)
+            return None
         try:
             env = envelope_from_bytes(message.payload)
         except ProtocolError as exc:
@@ -376,7 +380,7 @@ class Coordinator:
         accepted: dict[str, Any] = {}
         rejected: collections.Counter[str] = collections.Counter()
         bytes_up = 0
-        early, self._early = self._early, []
+        early = self._early.take()
         self._open_round = round_
         try:
             while len(accepted) < len(selected) and time.monotonic() < deadline:
@@ -433,14 +437,22 @@ class Coordinator:
         return len(message.payload)
 
     def _hold_or_reject(self, message: Message) -> None:
-        """An update before its round opened: keep it if it is for the round about to open (it was
-        queued by the broker while we were down), otherwise reject it."""
+        """An update before its round opened: keep it if it is for the round about to open (it was queued by
+        the broker while we were down, or answers an earlier attempt), otherwise reject it. It is checked
+        (identity, size, signature) before it is held, and held within a bound (coordinator/intake.py)."""
+        node = Topics.node_of(message.topic)
         try:
             env = envelope_from_bytes(message.payload)
-            if env.round == self.next_round and len(self._early) < MAX_EARLY_UPDATES:
-                self._early.append(message)
-                return
-            raise ProtocolError(RejectReason.WRONG_ROUND, f"update for round {env.round} while no round is open")
+            check_early_update(
+                env,
+                topic_node=node,
+                run_id=self.config.run_id,
+                round_=self.next_round,
+                payload_bytes=len(message.payload),
+                max_bytes=max_update_bytes(self.strategy.expected_update(self.global_tensors)),
+            )
+            self.auth.check_update(message.payload, env, node)
+            self._early.hold(node, message)
         except ProtocolError as exc:
             self._count_rejection(exc, message.topic, collections.Counter())
 
@@ -448,7 +460,8 @@ class Coordinator:
         rejected[exc.reason.value] += 1
         self.rejections[exc.reason.value] += 1
         level = logging.ERROR if exc.reason is RejectReason.VERSION else logging.WARNING
-        log.log(level, "rejected message on %s: %s", topic, exc)
+        kind = topic.rsplit("/", 2)[-2] if topic.count("/") >= 2 else ""  # "update" or "status": a bounded set
+        drops.log(level, f"{exc.reason.value} {kind}", "rejected message on %s: %s", topic, exc)
         self.events.emit(
             UpdateRejected(
                 round=self._open_round, topic=topic, node=Topics.node_of(topic), reason=exc.reason, detail=exc.detail

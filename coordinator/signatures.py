@@ -73,6 +73,16 @@ class Authenticator:
         self._instructions.append(msg_id)
         atomic_write_json(self._path, {"run": self.run_id, "round": round_, "instructions": self._instructions})
 
+    def knows(self, node: str) -> bool:
+        """Whether `node` is a provisioned device (it has a public key here)."""
+        if self.keys is None:
+            return False
+        try:
+            self.keys.get(node)
+        except ProtocolError:
+            return False
+        return True
+
     # -- status ------------------------------------------------------------------------------
     def status_ok(self, payload: bytes, env: Envelope) -> bool:
         """Whether a node's status may be believed (an unauthenticated 'online' must not get a node selected)."""

@@ -163,16 +163,18 @@ def test_declared_sizes_and_counts_are_bounded_before_anything_is_kept():
     small = ChunkLimits(max_chunks=4)
     with pytest.raises(ProtocolError, match=r"outside 1\.\.4"):
         Reassembler(small).add(TOPIC, pieces[0][1], slot=0)
-    # Concurrent transfers and buffered bytes: new transfers are refused, memory stays under the cap.
+    # Concurrent transfers and buffered memory, in total: two senders hold one transfer each, so a third sender's
+    # new transfer is refused (nobody holds more than it would), and a chunk over the memory cap drops its transfer.
     reassembler = Reassembler(ChunkLimits(max_transfers=2, max_buffered_bytes=40_000))
-    transfers = [split_message(TOPIC, big_envelope(seed=seed), LIMIT) for seed in range(2)]
-    for transfer in transfers:
-        reassembler.add(TOPIC, transfer[0][1], slot=0)
+    topics = [f"flora/v1/run/update/node-{i}" for i in range(3)]
+    transfers = [split_message(topic, big_envelope(seed=seed), LIMIT) for seed, topic in enumerate(topics[:2])]
+    for topic, transfer in zip(topics, transfers):
+        reassembler.add(topic, transfer[0][1], slot=0)
     with pytest.raises(ProtocolError, match="partial transfers already"):
-        reassembler.add(TOPIC, split_message(TOPIC, big_envelope(seed=9), LIMIT)[0][1], slot=0)
+        reassembler.add(topics[2], split_message(topics[2], big_envelope(seed=9), LIMIT)[0][1], slot=0)
     with pytest.raises(ProtocolError, match="buffer limit"):
         for slot in range(1, len(transfers[0]) - 1):
-            reassembler.add(TOPIC, transfers[0][slot][1], slot=slot)
+            reassembler.add(topics[0], transfers[0][slot][1], slot=slot)
     assert reassembler.buffered_bytes <= 40_000 and reassembler.pending <= 2
 
 

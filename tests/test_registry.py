@@ -43,4 +43,4 @@ def test_the_registry_snapshot_is_strict_json_whatever_was_received():
     registry.nodes["a"].capabilities["raw"] = float("nan")  # even a value put there without the schema
     text = json.dumps(registry.snapshot(), allow_nan=False)
     assert json.loads(text)["c"]["capabilities"] == {}
-    assert registry.nodes["b"].state == "unknown"  # its status named recipe 5: dropped, nothing kept
+    assert "b" not in registry.nodes  # its status named recipe 5: dropped, nothing kept (not even a slot)

@@ -7,52 +7,46 @@ envelope whose body is one slice of the original payload and carries its own sha
     data = {"transfer": 32 hex, "index": i, "total": n, "total_size": bytes, "sha256": hex of the whole}
 
 Chunk i < n - 1 goes to `{topic}/chunk/{i}`, the last one to `{topic}` (see flora/protocol/topics.py).
-The receiver keeps at most `ChunkLimits` worth of partial transfers, drops a transfer that stays
-idle for `idle_timeout_s`, and hands the payload on only when every chunk arrived and the size and
-sha256 of the whole match. A lost, corrupted or inconsistent chunk therefore fails that one message
-(the sender's update misses the round; a retained instruction is delivered again on reconnect):
-it never yields a different payload.
+The receiver (flora/protocol/reassembly.py) keeps at most `ChunkLimits` worth of partial transfers,
+per sender and in total, drops a transfer that stays idle for `idle_timeout_s`, and hands the payload
+on only when every chunk arrived and the size and sha256 of the whole match. A lost, corrupted or
+inconsistent chunk therefore fails that one message (the sender's update misses the round; a retained
+instruction is delivered again on reconnect): it never yields a different payload.
 
 Pure logic, no I/O: flora/transport/chunked.py applies it to a Transport.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import hashlib
 import logging
 import math
-import re
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
 from flora.errors import ProtocolError, RejectReason
-from flora.protocol.envelope import Envelope, envelope_from_bytes, envelope_to_bytes, read_header
+from flora.protocol.envelope import Envelope, envelope_to_bytes, read_header
+from flora.protocol.reassembly import ChunkLimits, Reassembled, Reassembler
 from flora.protocol.topics import chunk_topic
 
 log = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "MIN_MAX_MESSAGE_BYTES",
+    "ChunkLimits",
+    "Reassembled",
+    "Reassembler",
+    "is_chunk",
+    "mqtt_publish_packet_size",
+    "split_message",
+]
 
 # Default for both roles: under AWS IoT Core's 128 KB cap on a publish, with headroom for brokers that count
 # the limit slightly differently. Mosquitto's max_packet_size counts the whole packet, as we do.
 DEFAULT_MAX_MESSAGE_BYTES = 120_000
 MIN_MAX_MESSAGE_BYTES = 4096  # leaves room for chunk headers (~500 bytes) and a useful slice of data
 MIN_CHUNK_DATA = 1024  # below this the chunk headers would outweigh the data: the limit is misconfigured
-_HEX32 = re.compile(r"^[0-9a-f]{32}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkLimits:
-    """What a receiver is willing to buffer. Every bound is checked before the bytes are kept."""
-
-    max_transfer_bytes: int = 64 * 1024 * 1024  # the largest message one transfer may declare
-    max_chunks: int = 32_768  # chunks per transfer (64 MiB in ~2 KB chunks at the smallest sane limit)
-    max_transfers: int = 256  # partial transfers at once (a coordinator receives one per client)
-    max_buffered_bytes: int = 256 * 1024 * 1024  # all partial transfers together
-    idle_timeout_s: float = 120.0  # a transfer with no new chunk for this long is dropped
 
 
 def mqtt_publish_packet_size(topic: str, payload_len: int, qos: int = 1) -> int:
@@ -140,178 +134,3 @@ def is_chunk(payload: bytes) -> bool:
     except ProtocolError:
         return False
     return header.get("kind") == "chunk"
-
-
-# -- receiving --------------------------------------------------------------------------------------
-class Reassembled(NamedTuple):
-    payload: bytes
-    retain: bool  # the retain flag of the last chunk: whether the whole message came as a retained one
-
-
-@dataclasses.dataclass
-class _Transfer:
-    total: int
-    total_size: int
-    sha256: str
-    run: str
-    sender: str
-    last_seen: float
-    pieces: dict[int, bytes] = dataclasses.field(default_factory=dict)
-    received: int = 0  # bytes held in `pieces`
-    retain: bool = False  # the retain flag of the last chunk: how the whole message was delivered
-
-    def describe(self) -> str:
-        return f"{len(self.pieces)}/{self.total} chunks ({self.received}/{self.total_size} bytes) from {self.sender}"
-
-
-class Reassembler:
-    """Collects chunks per (topic, transfer) within `ChunkLimits`; `add` returns a payload once complete.
-
-    `stats` counts outcomes (completed, duplicate, expired, rejected_<reason>) for logs and tests.
-    """
-
-    def __init__(self, limits: ChunkLimits | None = None, clock: Callable[[], float] = time.monotonic):
-        self.limits = limits or ChunkLimits()
-        self.clock = clock
-        self.stats: collections.Counter[str] = collections.Counter()
-        self._transfers: dict[tuple[str, str], _Transfer] = {}
-        # Transfers delivered lately: their redelivered chunks (retained copy plus session queue) are
-        # expected, so a partial duplicate that expires is not worth a warning.
-        self._recent: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
-
-    @property
-    def buffered_bytes(self) -> int:
-        return sum(t.received for t in self._transfers.values())
-
-    @property
-    def pending(self) -> int:
-        return len(self._transfers)
-
-    def add(self, topic: str, payload: bytes, *, slot: int | None = None, retain: bool = False) -> Reassembled | None:
-        """One chunk that arrived for `topic` (the base topic), from chunk slot `slot` (None: the topic itself).
-
-        Returns the whole payload when this chunk completes a verified transfer, else None.
-        Raises ProtocolError (and only that) for a chunk or a transfer it refuses.
-        """
-        try:
-            return self._add(topic, payload, slot, retain)
-        except ProtocolError as exc:
-            self.stats[f"rejected_{exc.reason.value}"] += 1
-            raise
-
-    def _add(self, topic: str, payload: bytes, slot: int | None, retain: bool) -> Reassembled | None:
-        self.expire()
-        env = envelope_from_bytes(payload)  # framing, version, and this chunk's own sha256
-        if env.kind != "chunk":
-            raise ProtocolError(RejectReason.MALFORMED, f"expected a chunk, got {env.kind!r}")
-        transfer_id, index, total, total_size, sha = _chunk_fields(env.data, self.limits)
-        if (slot is None and index != total - 1) or (slot is not None and slot != index):
-            where = "the message topic" if slot is None else f"chunk slot {slot}"
-            raise ProtocolError(RejectReason.MALFORMED, f"chunk {index}/{total} arrived on {where}")
-        key = (topic, transfer_id)
-        transfer = self._transfers.get(key)
-        if transfer is None:
-            transfer = self._start(key, total, total_size, sha, env)
-        elif (transfer.total, transfer.total_size, transfer.sha256, transfer.run, transfer.sender) != (
-            total,
-            total_size,
-            sha,
-            env.run,
-            env.sender,
-        ):
-            self._drop(key)
-            raise ProtocolError(
-                RejectReason.MALFORMED, f"chunk {index} of transfer {transfer_id} contradicts the others"
-            )
-        if index in transfer.pieces:
-            if transfer.pieces[index] != env.body:
-                self._drop(key)
-                raise ProtocolError(RejectReason.MALFORMED, f"two different chunks {index} in transfer {transfer_id}")
-            self.stats["duplicate"] += 1
-            return None
-        if transfer.received + len(env.body) > transfer.total_size:
-            self._drop(key)
-            raise ProtocolError(
-                RejectReason.MALFORMED, f"transfer {transfer_id} holds more than its {total_size} bytes"
-            )
-        if self.buffered_bytes + len(env.body) > self.limits.max_buffered_bytes:
-            self._drop(key)
-            raise ProtocolError(
-                RejectReason.MALFORMED,
-                f"dropped transfer {transfer_id}: partial transfers would exceed the buffer limit "
-                f"({self.limits.max_buffered_bytes} bytes)",
-            )
-        transfer.pieces[index] = env.body
-        transfer.received += len(env.body)
-        transfer.last_seen = self.clock()
-        if index == total - 1:
-            transfer.retain = retain
-        if len(transfer.pieces) < total:
-            return None
-        return self._finish(key, transfer)
-
-    def _start(self, key: tuple[str, str], total: int, total_size: int, sha: str, env: Envelope) -> _Transfer:
-        if len(self._transfers) >= self.limits.max_transfers:
-            raise ProtocolError(
-                RejectReason.MALFORMED,
-                f"{len(self._transfers)} partial transfers already (limit {self.limits.max_transfers}); chunk dropped",
-            )
-        transfer = _Transfer(total, total_size, sha, env.run, env.sender, self.clock())
-        self._transfers[key] = transfer
-        return transfer
-
-    def _finish(self, key: tuple[str, str], transfer: _Transfer) -> Reassembled:
-        self._drop(key)
-        whole = b"".join(transfer.pieces[i] for i in range(transfer.total))
-        if len(whole) != transfer.total_size:
-            raise ProtocolError(
-                RejectReason.MALFORMED, f"transfer {key[1]} is {len(whole)} bytes, declared {transfer.total_size}"
-            )
-        if hashlib.sha256(whole).hexdigest() != transfer.sha256:
-            raise ProtocolError(RejectReason.CHECKSUM, f"transfer {key[1]} does not match its sha256; dropped")
-        self._recent[key] = None
-        while len(self._recent) > self.limits.max_transfers:
-            self._recent.popitem(last=False)
-        self.stats["completed"] += 1
-        return Reassembled(whole, transfer.retain)
-
-    def _drop(self, key: tuple[str, str]) -> None:
-        self._transfers.pop(key, None)
-
-    def expire(self) -> list[str]:
-        """Drop transfers idle for longer than the timeout; returns what was dropped, for the log."""
-        now = self.clock()
-        dropped = []
-        for key, transfer in list(self._transfers.items()):
-            if now - transfer.last_seen > self.limits.idle_timeout_s:
-                self._drop(key)
-                if key in self._recent:  # the leftovers of a redelivery of something already delivered
-                    self.stats["expired_duplicate"] += 1
-                    continue
-                self.stats["expired"] += 1
-                idle = f"{self.limits.idle_timeout_s:.0f}s"
-                dropped.append(f"{key[0]}: transfer {key[1]} incomplete after {idle} idle, {transfer.describe()}")
-        for line in dropped:
-            log.warning("dropped %s", line)
-        return dropped
-
-
-def _chunk_fields(data: dict[str, Any], limits: ChunkLimits) -> tuple[str, int, int, int, str]:
-    transfer_id, index, total = data.get("transfer"), data.get("index"), data.get("total")
-    total_size, sha = data.get("total_size"), data.get("sha256")
-    if not isinstance(transfer_id, str) or not _HEX32.match(transfer_id):
-        raise ProtocolError(RejectReason.MALFORMED, "chunk transfer id must be 32 lowercase hex characters")
-    if not isinstance(sha, str) or not _HEX64.match(sha):
-        raise ProtocolError(RejectReason.MALFORMED, "chunk sha256 must be 64 lowercase hex characters")
-    for name, value in (("index", index), ("total", total), ("total_size", total_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ProtocolError(RejectReason.MALFORMED, f"chunk {name} must be a non-negative integer, got {value!r}")
-    if not 1 <= total <= limits.max_chunks:
-        raise ProtocolError(RejectReason.MALFORMED, f"chunk total {total} is outside 1..{limits.max_chunks}")
-    if index >= total:
-        raise ProtocolError(RejectReason.MALFORMED, f"chunk index {index} is not below total {total}")
-    if total_size > limits.max_transfer_bytes:
-        raise ProtocolError(
-            RejectReason.MALFORMED, f"declared size {total_size} is over the {limits.max_transfer_bytes}-byte limit"
-        )
-    return transfer_id, index, total, total_size, sha

@@ -7,8 +7,10 @@ flora/protocol/chunking.py, the topic layout flora/protocol/topics.py, both in d
   a larger one goes out as chunks. A retained message also clears the chunk slots that an earlier,
   longer retained message on the same topic left behind (those this process knows of).
 - subscribe: every filter is doubled with `{filter}/chunk/+` so the chunk slots arrive too.
-- receive: chunks are reassembled within ChunkLimits and the whole message is returned on its own
-  topic, once verified. A chunk that is refused is logged and dropped, except for a protocol-version
+- receive: chunks are reassembled within ChunkLimits (per sender and in total, see
+  flora/protocol/reassembly.py) and the whole message is returned on its own topic, once verified.
+  A chunk that is refused is dropped and counted, and logged at most once per interval (a flood of
+  refused chunks must not flood the log), except for a protocol-version
   mismatch, which is handed to the role unchanged so that the role reports it (it is the operator's
   problem to fix, not noise).
 
@@ -23,9 +25,11 @@ import time
 from flora.errors import ProtocolError, RejectReason
 from flora.protocol.chunking import ChunkLimits, Reassembler, is_chunk, mqtt_publish_packet_size, split_message
 from flora.protocol.topics import chunk_filter, chunk_topic, split_chunk_topic
+from flora.throttled_log import ThrottledLog
 from flora.transport.base import Message, Transport, TransportError
 
 log = logging.getLogger(__name__)
+drops = ThrottledLog(__name__)
 
 IDLE_WAKEUP_S = 1.0  # a blocking receive still wakes this often to expire idle transfers
 
@@ -96,7 +100,7 @@ class ChunkingTransport(Transport):
     def receive(self, timeout: float | None = None) -> Message | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            self.reassembler.expire()
+            self.reassembler.expire_due()
             wait = IDLE_WAKEUP_S if deadline is None else max(0.0, deadline - time.monotonic())
             message = self.inner.receive(timeout=wait)
             if message is not None:
@@ -122,7 +126,7 @@ class ChunkingTransport(Transport):
         except ProtocolError as exc:
             if exc.reason is RejectReason.VERSION:
                 return Message(topic, message.payload, message.qos, message.retain)
-            log.warning("dropped a chunk on %s: %s", message.topic, exc)
+            drops.warning("chunk", "dropped a chunk on %s: %s", message.topic, exc)
             return None
         if whole is None:
             return None
