@@ -34,6 +34,10 @@ def _setup_logging(level: int | str) -> None:
         _log_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         root.addHandler(_log_handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
+    _set_library_log_levels()
+
+
+def _set_library_log_levels() -> None:
     for library, library_level in LIBRARY_LOG_LEVELS.items():
         logging.getLogger(library).setLevel(library_level)
 
@@ -425,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     if args.command != "demo":
         _setup_logging("INFO")
+    else:  # the demo shows its own view, not log lines; libraries' noise stays out of it all the same
+        _set_library_log_levels()
     try:
         return args.func(args)
     except FloraError as exc:
