@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 from typing import Any
 
+from coordinator.validation import check_update_identity
 from flora.errors import ProtocolError, RejectReason
 from flora.protocol import Envelope
 from flora.transport import Message
@@ -43,14 +44,7 @@ def check_early_update(
     env: Envelope, *, topic_node: str, run_id: str, round_: int, payload_bytes: int, max_bytes: int
 ) -> None:
     """Whether an update may be held for round `round_` (the one about to open); raises ProtocolError if not."""
-    if env.kind != "update":
-        raise ProtocolError(RejectReason.MALFORMED, f"expected an update, got {env.kind!r}")
-    if env.sender != topic_node:
-        raise ProtocolError(RejectReason.MALFORMED, f"sender {env.sender!r} published on {topic_node!r}'s topic")
-    if env.run != run_id:
-        raise ProtocolError(RejectReason.WRONG_RUN, f"update for run {env.run!r}, this is {run_id!r}")
-    if env.round != round_:
-        raise ProtocolError(RejectReason.WRONG_ROUND, f"update for round {env.round} while no round is open")
+    check_update_identity(env, topic_node=topic_node, run_id=run_id, round_=round_, when="while no round is open")
     if payload_bytes > max_bytes:
         raise ProtocolError(
             RejectReason.MALFORMED,

@@ -16,6 +16,19 @@ from flora.protocol.schema import MAX_NUM_EXAMPLES, check_data
 __all__ = ["MAX_NUM_EXAMPLES", "validate_update"]
 
 
+def check_update_identity(env: Envelope, *, topic_node: str, run_id: str, round_: int, when: str) -> None:
+    """An update's kind, its sender against the topic it came on, its run, and its round (`round_`; `when`
+    says which round that is, for the message). Raises ProtocolError with the reason."""
+    if env.kind != "update":
+        raise ProtocolError(RejectReason.MALFORMED, f"expected an update, got {env.kind!r}")
+    if env.sender != topic_node:
+        raise ProtocolError(RejectReason.MALFORMED, f"sender {env.sender!r} published on {topic_node!r}'s topic")
+    if env.run != run_id:
+        raise ProtocolError(RejectReason.WRONG_RUN, f"update for run {env.run!r}, this is {run_id!r}")
+    if env.round != round_:
+        raise ProtocolError(RejectReason.WRONG_ROUND, f"update for round {env.round}, {when}")
+
+
 def validate_update(
     env: Envelope,
     *,
@@ -29,14 +42,7 @@ def validate_update(
     payload_bytes: int = 0,
     allow_lower_rank: bool = False,
 ) -> ClientUpdate:
-    if env.kind != "update":
-        raise ProtocolError(RejectReason.MALFORMED, f"expected an update, got {env.kind!r}")
-    if env.sender != topic_node:
-        raise ProtocolError(RejectReason.MALFORMED, f"sender {env.sender!r} published on {topic_node!r}'s topic")
-    if env.run != run_id:
-        raise ProtocolError(RejectReason.WRONG_RUN, f"update for run {env.run!r}, this is {run_id!r}")
-    if env.round != round_:
-        raise ProtocolError(RejectReason.WRONG_ROUND, f"update for round {env.round}, round {round_} is open")
+    check_update_identity(env, topic_node=topic_node, run_id=run_id, round_=round_, when=f"round {round_} is open")
     if env.sender not in selected:
         raise ProtocolError(RejectReason.NOT_SELECTED, f"{env.sender} was not selected for round {round_}")
     if env.sender in already:
