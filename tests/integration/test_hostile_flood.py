@@ -31,6 +31,16 @@ FLOOD_RSS_BOUND = 32 * MiB
 CLIENTS = 2
 
 
+def fix_mmap_threshold() -> None:
+    """Make glibc serve every large buffer (a flood's 8 MiB messages) from mmap, and so return it on free.
+
+    By default glibc raises its mmap threshold after a large mmapped block is freed, up to 32 MiB, so the next
+    8 MiB buffers come from the heap, where fragmentation left by earlier tests in the same process can keep them
+    resident after they are freed: RSS then measures the allocator's history, not what the coordinator holds.
+    Setting the threshold once (M_MMAP_THRESHOLD, mallopt parameter -3) turns that adjustment off."""
+    ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
+
+
 def rss() -> int:
     """Resident memory of what is still held: freed memory is first handed back to the OS (glibc keeps freed
     blocks in per-thread arenas otherwise, and the flood passes through three threads here)."""
@@ -116,6 +126,7 @@ def attack(fed: Federation, name: str) -> int:
 
 def flood(fed: Federation, name: str) -> int:
     """RSS growth of the coordinator across attack `name`, once it has read every byte of it."""
+    fix_mmap_threshold()
     before, received = rss(), fed.bytes_received
     sent = attack(fed, name)
     wait_for(lambda: fed.has_read(received, sent), 120, f"the coordinator to read the {name} flood")
