@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from export.manifest import Manifest
 from export.runtime import OnnxClip
 from export.zero_shot import read_labels, softmax
 from flora.errors import DataError
@@ -109,14 +108,13 @@ def run_infer(
 ) -> dict[str, Any]:
     labels = read_labels(labels_file) if labels_file else None
     paths = collect_images(inputs)  # fail on a bad path before loading any model
-    exported_template = Manifest.read(model_dir).prompt_template  # the export's: the one the run trained with
-    if prompt_template is not None and prompt_template != exported_template:
+    model = OnnxClip.from_dir(model_dir, precision=precision, provider=provider, threads=threads)
+    if prompt_template is not None and prompt_template != model.prompt_template:
         log.warning(
             "using the prompt template %r, but %s was exported with %r (the one its adapter was trained with); "
             "accuracy usually drops with another prompt",
             prompt_template,
             model_dir,
-            exported_template,
+            model.prompt_template,
         )
-    model = OnnxClip.from_dir(model_dir, precision=precision, provider=provider, threads=threads)
     return classify(model, paths, labels, prompt_template=prompt_template, top_k=top_k, batch_size=batch_size)

@@ -43,6 +43,7 @@ class OnnxClip:
         threads: int | None = None,
         flagged: set[str] | None = None,
         announce: bool = True,
+        prompt_template: str | None = None,
     ):
         if not files:
             raise ConfigError("no ONNX files to run")
@@ -53,6 +54,7 @@ class OnnxClip:
         self.max_text_length = max_text_length
         self.provider_requested, self.threads = provider, threads
         self.flagged = flagged or set()  # parts whose file failed its export checks
+        self.prompt_template = prompt_template  # the export's: the one its adapter was trained with
         self.announce = announce  # log which execution provider ran (off for the export's own scoring)
         self.providers_used: dict[str, str] = {}
         self._sessions: dict[str, Any] = {}
@@ -106,6 +108,7 @@ class OnnxClip:
             provider=provider,
             threads=threads,
             flagged=flagged,
+            prompt_template=manifest.prompt_template,
         )
 
     # -- sessions -------------------------------------------------------------------------

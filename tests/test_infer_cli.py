@@ -172,3 +172,18 @@ def test_softmax_scores_sum_to_one_over_all_labels(exported, no_torch, sample_im
     scores = [s["score"] for s in json.loads(result.stdout)["results"][0]["top_k"]]
     assert sum(scores) == pytest.approx(1.0, abs=1e-4) and scores == sorted(scores, reverse=True)
     assert np.isfinite(scores).all()
+
+
+def test_another_prompt_than_the_exports_is_used_with_a_warning(exported, sample_images, caplog):
+    import logging
+
+    from export.infer import run_infer
+    from export.manifest import Manifest
+
+    out, _ = exported
+    exported_template = Manifest.read(out).prompt_template
+    with caplog.at_level(logging.WARNING, logger="export.infer"):
+        run_infer(out, sample_images[:1], prompt_template=exported_template)
+        assert "was exported with" not in caplog.text  # the export's own prompt: nothing to say
+        run_infer(out, sample_images[:1], prompt_template="a sketch of {label}")
+    assert f"was exported with {exported_template!r}" in caplog.text
