@@ -12,9 +12,9 @@ import dataclasses
 import logging
 
 from flora.config import field
-from flora.errors import ConfigError, ProtocolError
+from flora.errors import ConfigError
 from flora.protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from flora.protocol.envelope import check_id
+from flora.protocol.topics import check_safe_id
 from flora.protocol.wire_settings import wire_settings_problem
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -41,11 +41,11 @@ class NodeSettings:
     log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
 
     def __post_init__(self):
-        try:
-            check_id(self.node_id, "node_id")
-            check_id(self.run_id, "run_id")
-        except ProtocolError as exc:
-            raise ConfigError(exc.detail) from None
+        try:  # the strict rule, not the wire's: an id a broker rewrites would never be seen (PROTOCOL.md §1)
+            check_safe_id(self.node_id, "node_id")
+            check_safe_id(self.run_id, "run_id")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         problem = wire_settings_problem(
             max_message_bytes=self.max_message_bytes, encoding=self.wire_encoding, compression=self.wire_compression
         )
