@@ -4,6 +4,7 @@ flora/v1/{run}/instruction        coordinator -> all clients   retained, QoS 1
 flora/v1/{run}/update/{node}      client -> coordinator        QoS 1
 flora/v1/{run}/status/{node}      any node's presence          retained, QoS 1, Last Will
 flora/v1/{run}/metrics            coordinator round results    retained, QoS 1
+flora/v1/{run}/presence           coordinator -> all clients   QoS 1, not retained (1.2): "publish your status"
 
 A message over the broker's size limit travels as chunks (flora/protocol/chunking.py): chunk i of n
 on `{topic}/chunk/{i}` for i < n - 1 and the last chunk on `{topic}` itself, so every retained chunk
@@ -56,6 +57,10 @@ class Topics:
     @property
     def metrics(self) -> str:
         return f"{ROOT}/{self.run}/metrics"
+
+    @property
+    def presence(self) -> str:
+        return f"{ROOT}/{self.run}/presence"
 
     @staticmethod
     def node_of(topic: str) -> str:

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 DEFAULT_MAX_INBOX_BYTES = 4 * 1024 * 1024  # ~40 paper-recipe updates (102 KB); a bigger message still gets in
+PUBLISH_WAIT_LOG_S = 10.0  # a publish waiting through an outage says so this often
 PAUSED_WAKEUP_S = 0.05  # while reading is paused, the network thread still wakes this often (pings, writes)
 
 
@@ -230,7 +231,11 @@ class MqttTransport(Transport):
             if result != mqtt.MQTT_ERR_SUCCESS:
                 raise TransportError(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(result)}")
 
-    def publish(self, message: Message, *, timeout: float = 30.0) -> None:
+    def publish(self, message: Message, *, timeout: float | None = None) -> None:
+        """Send; for QoS 1 return once the broker acknowledged it. Through an outage of any length this waits for
+        paho's reconnect (logging how long, every PUBLISH_WAIT_LOG_S) unless `timeout` seconds are given: a node
+        that exits because the broker restarts slowly needs a supervisor to come back, one that waits does not.
+        Memory stays bounded: the caller is blocked, so at most this one message waits."""
         size = len(message.payload)
         packet = mqtt_publish_packet_size(message.topic, size, message.qos)
         if self.max_message_bytes is not None and packet > self.max_message_bytes:
@@ -241,25 +246,23 @@ class MqttTransport(Transport):
                 f"{self.max_message_bytes}-byte max_message_bytes configured for this broker; send it through "
                 "flora.transport.transport_for (which chunks it) or raise max_message_bytes to the broker's limit"
             )
-        deadline = time.monotonic() + timeout
+        wait = _PublishWait(self, message.topic, size, timeout)
         while True:
             # Through a broker restart or network blip: wait for paho's reconnect rather than fail at once.
-            if not self._connected.wait(max(0.0, deadline - time.monotonic())):
-                raise TransportError(
-                    f"broker {self.url} unreachable for {timeout:.0f}s; could not publish on {message.topic}"
-                )
+            wait.until_connected()
             info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
             self._wake_reader.set()  # a paused network thread writes it now, not after its wait
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise TransportError(f"publish to {message.topic} failed: {mqtt.error_string(info.rc)}")
-            if message.qos == 0 or self._wait_for_ack(info, deadline, message.topic, timeout):
+            if message.qos == 0 or self._wait_for_ack(info, wait):
                 break
             # The connection dropped before the broker's acknowledgement: publish again once reconnected.
             # A duplicate is harmless: every receiver is idempotent under QoS 1's at-least-once delivery.
+        wait.done()
         self.bytes_sent += size
 
-    def _wait_for_ack(self, info, deadline: float, topic: str, timeout: float) -> bool:
-        """True once acknowledged; False if the connection dropped first (paho then raises RuntimeError)."""
+    def _wait_for_ack(self, info, wait: _PublishWait) -> bool:
+        """True once acknowledged; False if the connection dropped first (publish then sends it again)."""
         with self._lock:
             self._awaiting_acks += 1
         self._wake_reader.set()
@@ -270,8 +273,9 @@ class MqttTransport(Transport):
                         return True
                 except RuntimeError:
                     return False
-                if time.monotonic() > deadline:
-                    raise TransportError(f"broker did not acknowledge {topic} within {timeout:.0f}s")
+                if not self._connected.is_set():
+                    return False  # paho keeps it for the session too; a duplicate is harmless (see publish)
+                wait.check_ack()
                 time.sleep(0.01)
         finally:
             with self._lock:
@@ -307,6 +311,61 @@ class MqttTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+
+class _PublishWait:
+    """How long one publish has waited for the broker: raises past an explicit timeout, otherwise logs progress."""
+
+    def __init__(self, transport: MqttTransport, topic: str, size: int, timeout: float | None):
+        self.transport, self.topic, self.size, self.timeout = transport, topic, size, timeout
+        self.started = time.monotonic()
+        self.deadline = None if timeout is None else self.started + timeout
+        self.next_log = self.started + PUBLISH_WAIT_LOG_S
+        self.logged = False
+
+    def until_connected(self) -> None:
+        connected = self.transport._connected
+        while not connected.wait(self._slice()):
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                url = self.transport.url
+                raise TransportError(
+                    f"broker {url} unreachable for {self.timeout:.0f}s; could not publish on {self.topic}"
+                )
+            self._progress("unreachable")
+
+    def check_ack(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TransportError(f"broker did not acknowledge {self.topic} within {self.timeout:.0f}s")
+        self._progress("has not acknowledged")
+
+    def done(self) -> None:
+        if self.logged:
+            log.info(
+                "published on %s after waiting %.0f s for broker %s", self.topic, self._waited(), self.transport.url
+            )
+
+    def _slice(self) -> float:
+        now = time.monotonic()
+        ends = [self.next_log] + ([self.deadline] if self.deadline is not None else [])
+        return max(0.01, min(ends) - now)
+
+    def _waited(self) -> float:
+        return time.monotonic() - self.started
+
+    def _progress(self, what: str) -> None:
+        if time.monotonic() < self.next_log:
+            return
+        self.next_log = time.monotonic() + PUBLISH_WAIT_LOG_S
+        self.logged = True
+        log.warning(
+            "broker %s %s for %.0f s, waiting to publish on %s (%d bytes queued); it is retried until the broker "
+            "is back",
+            self.transport.url,
+            what,
+            self._waited(),
+            self.topic,
+            self.size,
+        )
 
 
 def _close_sockets_left_in(tb) -> None:
