@@ -39,6 +39,10 @@ class NodeSettings:
     )
     wire_compression: str = field("none", help="compression of the adapters this node sends: none or zstd")
     log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
+    mqtt_version: str = field(
+        "3.1.1",
+        help='"3.1.1" or "5"; with 5, the broker bounds in-flight deliveries to this node (Receive Maximum)',
+    )
 
     def __post_init__(self):
         try:  # the strict rule, not the wire's: an id a broker rewrites would never be seen (PROTOCOL.md §1)
@@ -51,6 +55,8 @@ class NodeSettings:
         )
         if problem:
             raise ConfigError(problem)
+        if self.mqtt_version not in ("3.1.1", "5"):
+            raise ConfigError(f'mqtt_version must be "3.1.1" or "5", got {self.mqtt_version!r}')
         self.log_level = self.log_level.upper()
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")

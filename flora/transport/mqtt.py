@@ -1,13 +1,17 @@
-"""MQTT transport on paho-mqtt 2.x (callback API version 2), MQTT 3.1.1 for broad broker support.
+"""MQTT transport on paho-mqtt 2.x (callback API version 2): MQTT 3.1.1 (the default, for broad broker
+support) or MQTT 5 (`mqtt_version="5"`).
 
 Reconnects by itself with exponential backoff (paho's loop thread) and re-subscribes on every
-connect. A persistent session (`clean_session=False`) makes the broker queue QoS 1 messages
-for us while we are away: the coordinator uses it so updates sent during a restart survive.
+connect. A persistent session (`clean_session=False`; under MQTT 5, clean_start=False with a session expiry
+interval) makes the broker queue QoS 1 messages for us while we are away: the coordinator uses it so updates
+sent during a restart survive. A publish waits through an outage of any length (see publish).
 
 Flow control: messages wait in the broker, not in this process. A QoS 1 message is acknowledged only
-when the role takes it, and the network thread stops reading the socket while the inbox holds more than
-`max_inbox_bytes` (TCP then pushes back on the broker, which queues for us), except while a publish of
-ours awaits its PUBACK and while (re)connecting. Mosquitto's in-flight window alone does not do this:
+when the role takes it. Under MQTT 5 that is all it takes: the CONNECT's Receive Maximum caps the
+unacknowledged deliveries the broker may have out to us, so the inbox holds at most that many messages.
+MQTT 3.1.1 has no such cap, so there (the fallback) the network thread stops reading the socket while the
+inbox holds more than `max_inbox_bytes` (TCP then pushes back on the broker, which queues for us), except
+while a publish of ours awaits its PUBACK and while (re)connecting. Mosquitto's in-flight window alone does not do this:
 measured with 200 concurrent publishers and a consuming subscriber, it let 184 unacknowledged 100 KB
 messages through (bench/coordinator_scale.py saw 422 of 500). The broker must then be allowed to queue
 enough per client (Mosquitto: max_queued_messages; see deploy/mosquitto/mosquitto.conf).
@@ -25,6 +29,8 @@ from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from flora.protocol.chunking import mqtt_publish_packet_size
 from flora.transport.base import RECONNECTED, Message, Transport, TransportError, redact_url
@@ -33,6 +39,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 DEFAULT_MAX_INBOX_BYTES = 4 * 1024 * 1024  # ~40 paper-recipe updates (102 KB); a bigger message still gets in
+MQTT_VERSIONS = ("3.1.1", "5")
+SESSION_EXPIRY_S = 0xFFFFFFFF  # MQTT 5: "never expires", as a 3.1.1 persistent session (clean_session=False)
+DEFAULT_RECEIVE_MAXIMUM_MESSAGE_BYTES = 120_000  # to turn max_inbox_bytes into a message count without a limit
 PUBLISH_WAIT_LOG_S = 10.0  # a publish waiting through an outage says so this often
 PAUSED_WAKEUP_S = 0.05  # while reading is paused, the network thread still wakes this often (pings, writes)
 
@@ -108,8 +117,17 @@ class MqttTransport(Transport):
         keepalive: int = 30,
         max_message_bytes: int | None = None,
         max_inbox_bytes: int = DEFAULT_MAX_INBOX_BYTES,
+        mqtt_version: str = "3.1.1",
+        receive_maximum: int | None = None,
     ):
+        if mqtt_version not in MQTT_VERSIONS:
+            raise TransportError(f"mqtt_version must be one of {', '.join(MQTT_VERSIONS)}, got {mqtt_version!r}")
         scheme, self.host, self.port, url_user, url_password = parse_broker_url(url)
+        self.mqtt_version = mqtt_version
+        self.clean_session = clean_session
+        # MQTT 5: the inbox bound as a message count (each message at most one max_message_bytes packet).
+        per_message = max_message_bytes or DEFAULT_RECEIVE_MAXIMUM_MESSAGE_BYTES
+        self.receive_maximum = receive_maximum or max(1, min(65535, max_inbox_bytes // per_message))
         self.url = redact_url(url)  # what logs and errors show: never the password
         self.client_id = client_id
         self.max_message_bytes = max_message_bytes
@@ -128,13 +146,16 @@ class MqttTransport(Transport):
         self.bytes_sent = 0
         self.bytes_received = 0
 
+        if mqtt_version == "5":  # session persistence is a connect option under MQTT 5 (see connect)
+            session = {"protocol": mqtt.MQTTv5}
+        else:
+            session = {"protocol": mqtt.MQTTv311, "clean_session": clean_session}
         self._client = _PausableClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=clean_session,
             may_read=self._may_read,
             wake=self._wake_reader,
+            **session,
         )
         self._client.reconnect_delay_set(min_delay=1, max_delay=30)
         self._client.manual_ack_set(True)  # acknowledged in receive(): see there
@@ -181,7 +202,11 @@ class MqttTransport(Transport):
 
     def _may_read(self) -> bool:
         """Read on while the inbox has room, and always while one of our publishes awaits its PUBACK
-        (it is behind whatever the broker sent before it; not reading would deadlock publish())."""
+        (it is behind whatever the broker sent before it; not reading would deadlock publish()).
+        Under MQTT 5 always: Receive Maximum bounds what the broker sends, and paho's private fields stay
+        untouched."""
+        if self.mqtt_version == "5":
+            return True
         with self._lock:
             return self._inbox_bytes < self.max_inbox_bytes or self._awaiting_acks > 0
 
@@ -193,7 +218,7 @@ class MqttTransport(Transport):
         delay = 0.5
         while True:
             try:
-                self._client.connect(self.host, self.port, keepalive=self.keepalive)
+                self._client.connect(self.host, self.port, keepalive=self.keepalive, **self._connect_options())
                 break
             except ssl.SSLCertVerificationError as exc:  # retrying cannot make an untrusted certificate trusted
                 _close_sockets_left_in(exc.__traceback__)
@@ -222,6 +247,22 @@ class MqttTransport(Transport):
             if time.monotonic() > deadline:
                 self.close()
                 raise TransportError(f"no CONNACK from {self.url} within {timeout:.0f}s")
+
+    def _connect_options(self) -> dict:
+        """MQTT 5's CONNECT: clean_start and a session expiry interval where 3.1.1 has clean_session, and the
+        Receive Maximum that bounds in-flight deliveries. paho keeps both for its reconnects."""
+        if self.mqtt_version != "5":
+            return {}
+        properties = Properties(PacketTypes.CONNECT)
+        properties.ReceiveMaximum = self.receive_maximum
+        if not self.clean_session:
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        return {"clean_start": self.clean_session, "properties": properties}
+
+    @property
+    def inbox_messages(self) -> int:
+        """Messages received but not yet taken by receive() (each QoS 1 one is still unacknowledged)."""
+        return self._inbox.qsize()
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         with self._lock:
