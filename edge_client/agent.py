@@ -85,6 +85,11 @@ class EdgeAgent:
         self.transport.publish(self._status("online"))
         self.presence.answered()
 
+    def answer_presence_if_due(self) -> None:
+        """Answer presence requests, at most once per PresenceReplies interval (later ones are folded)."""
+        if self.presence.take():
+            self._announce()
+
     def start(self) -> None:
         self.transport.connect(will=self._status("offline"))
         # Round results first: their retained copy tells how far the run is before the retained instruction arrives.
@@ -118,8 +123,7 @@ class EdgeAgent:
                 if time.monotonic() >= next_status:  # health and last round, fresh for status views
                     self._announce()
                     next_status = time.monotonic() + self.config.status_interval_s
-                if self.presence.take():  # a presence request folded into the rate limit is answered now
-                    self._announce()
+                self.answer_presence_if_due()
                 message = self.transport.receive(timeout=0.5)
                 if message is not None:
                     self.handle(message)
@@ -182,8 +186,7 @@ class EdgeAgent:
                 log.warning("dropped a presence request published on %s, not the presence topic", message.topic)
                 return
             self.presence.requested(env.msg_id)
-            if self.presence.take():
-                self._announce()
+            self.answer_presence_if_due()
         elif env.kind == "finished":
             if not self.finished:
                 log.info("run %s finished after round %s", env.run, env.round)
