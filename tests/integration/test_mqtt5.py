@@ -3,6 +3,7 @@ session persists across reconnects as 3.1.1's clean_session=False does, and 3.1.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -98,3 +99,29 @@ def test_an_mqtt5_session_persists_across_a_reconnect():
             assert message is not None and message.payload == b"queued while away"
         finally:
             back.close()
+
+
+def test_a_federation_completes_over_mqtt5(tmp_path, mosquitto, tiny_model_dir, digits, digits_split, test_folder):
+    from coordinator.main import build_coordinator
+    from tests.integration.helpers import client_configs, coordinator_config, stage_clients, start_agents
+
+    train_idx, _ = digits_split
+    data_dirs = stage_clients(tmp_path, digits, train_idx, clients=2, per_client=100)
+    config = coordinator_config(
+        tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=2, rounds=2, local_epochs=1, mqtt_version="5"
+    )
+    coordinator = build_coordinator(config)
+    configs = [
+        dataclasses.replace(c, mqtt_version="5")
+        for c in client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs)
+    ]
+    agents, threads = start_agents(configs)
+    try:
+        report = coordinator.run()
+    finally:
+        for t in threads:
+            t.join(60)
+    assert coordinator.transport.inner.mqtt_version == "5"
+    assert all(a.transport.inner.mqtt_version == "5" for a in agents)
+    assert [r["participants"] for r in report["rounds"]] == [2, 2]
+    assert [a.rounds_trained for a in agents] == [2, 2]
