@@ -86,8 +86,3 @@ def test_ids_a_broker_would_rewrite_are_refused_at_load_with_the_reason(cls, bas
     with pytest.raises(ConfigError, match=reason) as refused:
         from_mapping(cls, {**base, key: value})
     assert key in str(refused.value) and "letters, digits, '_' and '-'" in str(refused.value)
-
-
-def test_ids_of_the_safe_set_load_for_both_roles():
-    config = from_mapping(ClientConfig, {**CLIENT, "node_id": "Site_3-jetson-12", "run_id": "run-2026_12"})
-    assert (config.node_id, config.run_id) == ("Site_3-jetson-12", "run-2026_12")

@@ -55,6 +55,7 @@ def _fast_status(configs):
     return [dataclasses.replace(c, status_interval_s=2.0) for c in configs]
 
 
+@pytest.mark.timeout(600)  # two 45 s outages, on a shared CI machine
 def test_outages_during_training_and_the_next_instruction_complete_the_run(
     tmp_path, tiny_model_dir, digits, digits_split, test_folder, caplog
 ):
@@ -80,7 +81,8 @@ def test_outages_during_training_and_the_next_instruction_complete_the_run(
         )
         coordinator = build_coordinator(config, subscribers=[after_round_one])
         coordinator.start()
-        agents, threads = start_agents(_fast_status(client_configs(tmp_path, tiny_model_dir, broker.url, data_dirs)))
+        configs = _fast_status(client_configs(tmp_path, tiny_model_dir, broker.url, data_dirs))
+        agents, threads = start_agents(configs, max_seconds=540)
         honest = agents[0].trainer.train_round
 
         def train_round(global_adapter, settings, round_, **kwargs):
@@ -170,7 +172,7 @@ def test_after_a_restart_without_persistence_a_dead_device_is_not_selected_again
         ghost.start()
         coordinator = build_coordinator(config, subscribers=[on_event])
         coordinator.start()  # the ghost answers its presence request first
-        agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, broker.url, data_dirs))
+        agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, broker.url, data_dirs), max_seconds=280)
         try:
             report = coordinator.run()
         finally:

@@ -41,41 +41,31 @@ def _wait_until_online(url: str, run_id: str, nodes: list[str]) -> None:
         watcher.close()
 
 
-def _federate(tmp_path, url, model_dir, digits, digits_split, test_folder, *, clients_first: bool):
-    run_id = "clients-first" if clients_first else "coordinator-first"
+def test_clients_started_before_and_after_the_coordinator_are_found(
+    rabbitmq, tmp_path, tiny_model_dir, digits, digits_split, test_folder
+):
+    # Both start orders in one run: two clients announce before the coordinator exists, one after it started.
+    run_id = "rabbit-run"
     train_idx, _ = digits_split
-    data_dirs = stage_clients(tmp_path, digits, train_idx, clients=2, per_client=100)
+    data_dirs = stage_clients(tmp_path, digits, train_idx, clients=3, per_client=100)
+    url = rabbitmq.url
     config = coordinator_config(
-        tmp_path, model_dir, url, test_folder, clients=2, rounds=1, local_epochs=1, run_id=run_id
-    )
-    configs = client_configs(tmp_path, model_dir, url, data_dirs, run_id=run_id)
+        tmp_path, tiny_model_dir, url, test_folder, clients=3, rounds=1, local_epochs=1, run_id=run_id,
+        wait_for_clients_s=120.0,
+    )  # fmt: skip
+    configs = client_configs(tmp_path, tiny_model_dir, url, data_dirs, run_id=run_id)
+    early, early_threads = start_agents(configs[:2])
+    _wait_until_online(url, run_id, ["client-0", "client-1"])
+    nodes, _, _ = collect(url, run_id=run_id, wait=0)  # `flora status --run-id`, before the coordinator
+    assert {node for (_, node), data in nodes.items() if data.get("state") == "online"} == {"client-0", "client-1"}
+
     coordinator = build_coordinator(config)
-    if not clients_first:
-        coordinator.start()
-    agents, threads = start_agents(configs)
+    coordinator.start()
+    late, late_threads = start_agents(configs[2:])
     try:
-        if clients_first:
-            _wait_until_online(url, run_id, [c.node_id for c in configs])
-            nodes, _, _ = collect(url, run_id=run_id, wait=0)  # `flora status --run-id`, before the coordinator
-            assert {node for (_, node), data in nodes.items() if data.get("state") == "online"} == {
-                "client-0",
-                "client-1",
-            }
         report = coordinator.run()
     finally:
-        for t in threads:
+        for t in early_threads + late_threads:
             t.join(60)
-    assert [r["participants"] for r in report["rounds"]] == [2]
-    assert [a.rounds_trained for a in agents] == [1, 1]
-
-
-def test_clients_started_before_the_coordinator_are_found(
-    rabbitmq, tmp_path, tiny_model_dir, digits, digits_split, test_folder
-):
-    _federate(tmp_path, rabbitmq.url, tiny_model_dir, digits, digits_split, test_folder, clients_first=True)
-
-
-def test_the_coordinator_started_first_finds_its_clients(
-    rabbitmq, tmp_path, tiny_model_dir, digits, digits_split, test_folder
-):
-    _federate(tmp_path, rabbitmq.url, tiny_model_dir, digits, digits_split, test_folder, clients_first=False)
+    assert report["rounds"][0]["participants"] == 3
+    assert [a.rounds_trained for a in early + late] == [1, 1, 1]
