@@ -123,9 +123,13 @@ class RabbitMqBroker(BrokerProcess):
         if not os.access(RABBITMQ_SERVER, os.X_OK):
             raise TransportError("rabbitmq-server is not installed; `apt-get install rabbitmq-server` (Debian)")
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env, cwd=self.workdir
-        )
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env, cwd=self.workdir
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # the child has its own copy
         try:
             wait_for_port(self.host, self.port, timeout, self.proc)
         except TransportError:

@@ -20,13 +20,13 @@ MESSAGES = 30
 PAYLOAD = 10_000
 
 
-def _publish_all(url: str, count: int = MESSAGES) -> None:
+def _publish_all(url: str, count: int = MESSAGES, payload: int = PAYLOAD) -> None:
     """`count` QoS 1 messages from concurrent publishers; returns once the broker acknowledged every one."""
     publishers = [MqttTransport(url, f"pub-{i}") for i in range(count)]
     for publisher in publishers:
         publisher.connect()
     threads = [
-        threading.Thread(target=p.publish, args=(Message(f"burst/{i}", os.urandom(PAYLOAD), qos=1),), daemon=True)
+        threading.Thread(target=p.publish, args=(Message(f"burst/{i}", os.urandom(payload), qos=1),), daemon=True)
         for i, p in enumerate(publishers)
     ]
     for thread in threads:
