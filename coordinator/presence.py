@@ -3,13 +3,15 @@
 Retained statuses and Last Wills are the broker's memory, and it can lose or withhold it: a broker restarted
 without persistence forgets the Wills of devices that died meanwhile (the coordinator would keep selecting
 them), and RabbitMQ's MQTT plugin does not deliver retained messages to wildcard subscriptions at all (a
-coordinator started after its clients would see none). So at start and after every reconnect the coordinator
-publishes a presence request, and every client of the run answers with a fresh status.
+coordinator started after its clients would see none). So the coordinator publishes a presence request, and
+every client of the run answers with a fresh status: at start only to find clients (server.py), and after
+every reconnect as a check, kept here.
 
 While a check is open, the nodes believed online only from before it (or from a retained status delivered
 after it) are *unconfirmed*: the registry does not offer them for selection. A node confirms by any status
-that was not a retained copy. Those still unconfirmed when the check times out are counted offline, with a
-logged reason; a later status of theirs brings them back, as for any node.
+that was not a retained copy, or one that echoes the request's id. Those still unconfirmed when the check
+times out are counted offline, with a logged reason; a later status of theirs brings them back, as for any
+node. (A 1.0/1.1 client does not answer, but it re-announces itself when it reconnects, which confirms it.)
 """
 
 from __future__ import annotations

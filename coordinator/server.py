@@ -144,17 +144,21 @@ class Coordinator:
             self.transport.publish(Message(self.topics.metrics, b"", retain=True))
         self.transport.publish(self._coordinator_status("online"))
         # Clients that announced before we subscribed are found even where retained statuses do not reach a
-        # wildcard subscription (RabbitMQ), and stale retained "online" statuses are confirmed or expired.
-        self._ask_presence("coordinator started")
+        # wildcard subscription (RabbitMQ). Only discovery: a retained status is still believed at start, as a
+        # 1.0/1.1 client that announces once and never answers a presence request must still be found.
+        self._ask_presence("coordinator started", check=False)
 
-    def _ask_presence(self, why: str) -> None:
+    def _ask_presence(self, why: str, *, check: bool = True) -> None:
+        """Ask every client of the run for a fresh status; with `check`, those that stay silent are counted
+        offline after presence_timeout_s (coordinator/presence.py)."""
         env = Envelope(
             kind="presence",
             run=self.config.run_id,
             sender=self.config.node_id,
             data={"reply_within_s": self.config.presence_timeout_s},
         )
-        self.presence.begin(env.msg_id, why)
+        if check:
+            self.presence.begin(env.msg_id, why)
         self.transport.publish(Message(self.topics.presence, self.auth.seal(env), qos=1))
 
     def _resume(self, saved: dict[str, Any]) -> None:

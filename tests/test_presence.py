@@ -54,7 +54,7 @@ def test_nodes_that_do_not_answer_are_not_offered_and_then_counted_offline():
 
 
 def test_a_retained_status_arriving_during_a_check_does_not_make_a_node_eligible():
-    # At start: the request goes out, then the broker delivers the stored statuses of devices that may be dead.
+    # After a reconnect: the request goes out, then the broker delivers the stored statuses of devices that may be dead.
     registry = Registry()
     check = PresenceCheck(registry, timeout_s=10, clock=Clock())
     check.begin("req-1", "coordinator started")

@@ -6,6 +6,8 @@ start order, and `flora status --run-id` sees them. One RabbitMQ for the module:
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from coordinator.main import build_coordinator
@@ -51,9 +53,14 @@ def test_clients_started_before_and_after_the_coordinator_are_found(
     url = rabbitmq.url
     config = coordinator_config(
         tmp_path, tiny_model_dir, url, test_folder, clients=3, rounds=1, local_epochs=1, run_id=run_id,
-        wait_for_clients_s=120.0,
+        wait_for_clients_s=60.0,
     )  # fmt: skip
-    configs = client_configs(tmp_path, tiny_model_dir, url, data_dirs, run_id=run_id)
+    # No periodic status during the test: the coordinator must find the early clients by asking, not by
+    # waiting for a heartbeat that a wildcard subscription does receive.
+    configs = [
+        dataclasses.replace(c, status_interval_s=3600.0)
+        for c in client_configs(tmp_path, tiny_model_dir, url, data_dirs, run_id=run_id)
+    ]
     early, early_threads = start_agents(configs[:2])
     _wait_until_online(url, run_id, ["client-0", "client-1"])
     nodes, _, _ = collect(url, run_id=run_id, wait=0)  # `flora status --run-id`, before the coordinator
