@@ -29,10 +29,12 @@ OUTAGE_S = 45.0
 
 class Outage:
     """Stops the broker once, keeps it down `seconds`, then starts it again on the same port with the same files
-    (so with the same persistence setting). `down` is set once the broker is stopped."""
+    (so with the same persistence setting). `down` is set once the broker is stopped. With `crash`, it is killed
+    (SIGKILL): a broker shutting down cleanly publishes the Wills of the clients it disconnects, a crashed one
+    publishes none."""
 
-    def __init__(self, broker, seconds: float):
-        self.broker, self.seconds = broker, seconds
+    def __init__(self, broker, seconds: float, *, crash: bool = False):
+        self.broker, self.seconds, self.crash = broker, seconds, crash
         self.down, self.over = threading.Event(), threading.Event()
         self._lock = threading.Lock()
 
@@ -40,7 +42,11 @@ class Outage:
         with self._lock:
             if self.down.is_set():
                 return
-            self.broker._terminate()
+            if self.crash:
+                self.broker.proc.kill()
+                self.broker.proc.wait(10)
+            else:
+                self.broker._terminate()
             self.down.set()
         threading.Thread(target=self._restart_later, daemon=True).start()
 
@@ -157,7 +163,7 @@ def test_after_a_restart_without_persistence_a_dead_device_is_not_selected_again
             presence_timeout_s=5.0,
         )
         ghost = Ghost(broker.url, config.run_id)
-        outage = Outage(broker, 5.0)
+        outage = Outage(broker, 5.0, crash=True)  # no Will is published, and none survives the restart
         selections: list[tuple[int, tuple[str, ...]]] = []
         online_before: list[str] = []
 
