@@ -41,6 +41,11 @@ class CoordinatorConfig(NodeSettings):
     round_deadline_s: float = field(300.0, help="seconds a round waits for updates")
     wait_for_clients_s: float = field(600.0, help="seconds to wait for min_available_clients")
     max_round_attempts: int = field(3, help="retries (fresh selection) of a round below quorum")
+    presence_timeout_s: float = field(
+        30.0,
+        help="after start and every reconnect the clients are asked for a fresh status; those silent this long "
+        "are counted offline (a broker restart may have lost their Last Wills)",
+    )
     strategy: str = field(
         "fedavg",
         help="aggregation strategy: " + ", ".join(strategy_names()) + ", or a name from register_strategy / a plugin",
@@ -95,6 +100,7 @@ class CoordinatorConfig(NodeSettings):
             ),
             (self.round_deadline_s > 0, "round_deadline_s must be > 0"),
             (self.max_round_attempts >= 1, "max_round_attempts must be >= 1"),
+            (self.presence_timeout_s > 0, "presence_timeout_s must be > 0"),
             (self.local_epochs >= 1, "local_epochs must be >= 1"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),

@@ -67,6 +67,9 @@ class Registry:
         self.is_known = is_known  # a provisioned device: never evicted (their number is the operator's)
         self.evicted = 0
         self._unknown: set[str] = set()  # nodes admitted without being known devices, the ones counted
+        # Online by an old or retained status but not yet by an answer to the open presence request
+        # (coordinator/presence.py): not offered for selection until they answer.
+        self.unconfirmed: set[str] = set()
 
     def update(self, node: str, data: dict[str, Any]) -> NodeInfo:
         """Apply `node`'s status; one that breaks the status schema changes nothing (logged, never raised)."""
@@ -102,6 +105,7 @@ class Registry:
         victim = min(unknown, key=lambda info: (info.state == "online", info.last_seen))
         del self.nodes[victim.node]
         self._unknown.discard(victim.node)
+        self.unconfirmed.discard(victim.node)
         self.evicted += 1
         log.warning(
             "evicted",
@@ -119,6 +123,7 @@ class Registry:
             n.node
             for n in self.nodes.values()
             if n.state == "online"
+            and n.node not in self.unconfirmed
             and (recipe is None or n.recipe in (None, recipe))
             and (requirements is None or requirements.met_by(n.capabilities))
         )

@@ -44,6 +44,7 @@ from coordinator.events import (
 from coordinator.intake import EarlyUpdates, check_early_update, max_update_bytes
 from coordinator.live_view import RoundView
 from coordinator.outputs import MetricsPlot, ReportWriter
+from coordinator.presence import PresenceCheck
 from coordinator.registry import MAX_STATUS_BYTES, Registry, Requirements, checked_selection
 from coordinator.signatures import Authenticator
 from coordinator.validation import validate_update
@@ -86,6 +87,7 @@ class Coordinator:
         self.checkpoints = CheckpointStore(config.checkpoint_dir)
         self.auth = Authenticator(config)  # signs what we publish; verifies devices (when keys are configured)
         self.registry = Registry(is_known=self.auth.knows)  # bounded: unknown nodes are capped and evicted
+        self.presence = PresenceCheck(self.registry, config.presence_timeout_s)  # re-learns who is online
         self.rejections: collections.Counter[str] = collections.Counter()
         self.history: list[RoundRecord] = []
         self.initial: dict[str, Any] | None = None
@@ -141,6 +143,23 @@ class Coordinator:
         if saved is None:  # a fresh run on a reused broker: forget an earlier run's last round result
             self.transport.publish(Message(self.topics.metrics, b"", retain=True))
         self.transport.publish(self._coordinator_status("online"))
+        # Clients that announced before we subscribed are found even where retained statuses do not reach a
+        # wildcard subscription (RabbitMQ). Only discovery: a retained status is still believed at start, as a
+        # 1.0/1.1 client that announces once and never answers a presence request must still be found.
+        self._ask_presence("coordinator started", check=False)
+
+    def _ask_presence(self, why: str, *, check: bool = True) -> None:
+        """Ask every client of the run for a fresh status; with `check`, those that stay silent are counted
+        offline after presence_timeout_s (coordinator/presence.py)."""
+        env = Envelope(
+            kind="presence",
+            run=self.config.run_id,
+            sender=self.config.node_id,
+            data={"reply_within_s": self.config.presence_timeout_s},
+        )
+        if check:
+            self.presence.begin(env.msg_id, why)
+        self.transport.publish(Message(self.topics.presence, self.auth.seal(env), qos=1))
 
     def _resume(self, saved: dict[str, Any]) -> None:
         from safetensors.numpy import load_file
@@ -292,6 +311,7 @@ class Coordinator:
     def _pump(self, timeout: float) -> Message | None:
         """Receive one message; status messages update the registry and are consumed here."""
         message = self.transport.receive(timeout=timeout)
+        self.presence.expire_due()
         if message is not None and message.topic == RECONNECTED:
             self._announce_after_reconnect()
             return None
@@ -317,15 +337,19 @@ class Coordinator:
             if not self.auth.status_ok(message.payload, env):
                 return None
             info = self.registry.update(env.sender, env.data)
+            answers = env.data.get("answers") if isinstance(env.data, dict) else None
+            self.presence.heard(env.sender, retained=message.retain, answers=answers)
             log.debug("node %s is %s", env.sender, info.state)
         return None
 
     def _announce_after_reconnect(self) -> None:
-        """After a broker restart: say we are online again and re-publish the open round's instruction
-        (a broker without persistence has forgotten the retained copy)."""
+        """After a broker restart: say we are online again, re-publish the open round's instruction (a broker
+        without persistence has forgotten the retained copy), and re-learn who is online: the statuses from
+        before the outage may be stale (a broker without persistence lost the Wills of nodes that died)."""
         self.transport.publish(self._coordinator_status("online"))
         if self._instruction is not None:
             self.transport.publish(self._instruction)
+        self._ask_presence("reconnected to the broker")
 
     def _wait_for_clients(self) -> None:
         deadline = time.monotonic() + self.config.wait_for_clients_s
@@ -502,8 +526,10 @@ class Coordinator:
             data={"rounds": self.config.rounds},
         )
         payload = self.auth.seal(env)
-        # Replace the retained instruction so late joiners learn the run is over, not a stale round.
-        self.transport.publish(Message(self.topics.instruction, payload, retain=True))
+        # Replace the retained instruction so late joiners learn the run is over, not a stale round; it is also
+        # what a reconnect re-publishes from now on.
+        self._instruction = Message(self.topics.instruction, payload, retain=True)
+        self.transport.publish(self._instruction)
         self.transport.publish(self._coordinator_status("finished"))
 
     # -- the report ----------------------------------------------------------------------

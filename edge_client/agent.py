@@ -22,6 +22,7 @@ from typing import Any
 from edge_client.capabilities import detect_capabilities
 from edge_client.config import ClientConfig
 from edge_client.health import read_health
+from edge_client.presence import PresenceReplies
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.algorithms import LocalDP
@@ -60,6 +61,7 @@ class EdgeAgent:
         # The device's own client hooks, run after the instruction's: local DP is set here, not by the coordinator.
         local_dp = LocalDP.from_settings(config.dp_clip_norm, config.dp_noise_multiplier)
         self.local_hooks = (local_dp,) if local_dp is not None else ()
+        self.presence = PresenceReplies()  # answers to presence requests, rate-limited
 
     # -- messages we send ---------------------------------------------------------------
     def _status(self, state: str) -> Message:
@@ -73,15 +75,28 @@ class EdgeAgent:
             )
             data["recipe"] = self.config.recipe
             data["health"] = read_health(self.config.state_dir, cuda_device=self.trainer.clip.device)
+            if self.presence.last_request is not None:
+                data["answers"] = self.presence.last_request
         env = Envelope(kind="status", run=self.config.run_id, sender=self.config.node_id, data=data)
         return Message(self.topics.status(self.config.node_id), seal(env, self.signer), qos=1, retain=True)
+
+    def _announce(self) -> None:
+        """Publish our status "online" (it also answers any presence request received before it)."""
+        self.transport.publish(self._status("online"))
+        self.presence.answered()
+
+    def answer_presence_if_due(self) -> None:
+        """Answer presence requests, at most once per PresenceReplies interval (later ones are folded)."""
+        if self.presence.take():
+            self._announce()
 
     def start(self) -> None:
         self.transport.connect(will=self._status("offline"))
         # Round results first: their retained copy tells how far the run is before the retained instruction arrives.
         self.transport.subscribe(self.topics.metrics, qos=1)
         self.transport.subscribe(self.topics.instruction, qos=1)
-        self.transport.publish(self._status("online"))
+        self.transport.subscribe(self.topics.presence, qos=1)  # 1.2: "publish your status now"
+        self._announce()
         log.info(
             "%s online in run %s with %d local examples",
             self.config.node_id,
@@ -106,8 +121,9 @@ class EdgeAgent:
                 if deadline is not None and time.monotonic() > deadline:
                     break
                 if time.monotonic() >= next_status:  # health and last round, fresh for status views
-                    self.transport.publish(self._status("online"))
+                    self._announce()
                     next_status = time.monotonic() + self.config.status_interval_s
+                self.answer_presence_if_due()
                 message = self.transport.receive(timeout=0.5)
                 if message is not None:
                     self.handle(message)
@@ -130,7 +146,7 @@ class EdgeAgent:
 
     def _handle(self, message: Message) -> None:
         if message.topic == RECONNECTED:
-            self.transport.publish(self._status("online"))  # our Will may have fired meanwhile
+            self._announce()  # our Will may have fired meanwhile
             return
         if not message.payload:
             return  # a cleared retained topic
@@ -165,6 +181,12 @@ class EdgeAgent:
             if self.config.node_id in data.get("accepted", ()):
                 self.store.acknowledge(self.state, env.round)
             self._saw_round(env.round)
+        elif env.kind == "presence":
+            if message.topic != self.topics.presence:
+                log.warning("dropped a presence request published on %s, not the presence topic", message.topic)
+                return
+            self.presence.requested(env.msg_id)
+            self.answer_presence_if_due()
         elif env.kind == "finished":
             if not self.finished:
                 log.info("run %s finished after round %s", env.run, env.round)
@@ -252,7 +274,7 @@ class EdgeAgent:
         self.store.save_pending(self.state, round_, payload)  # before sending: a reboot re-sends it
         self._publish_update(payload)
         self.rounds_trained += 1
-        self.transport.publish(self._status("online"))  # last_round_trained moved on: say so now
+        self._announce()  # last_round_trained moved on: say so now
         log.info(
             "round %d: sent update (%d bytes, loss %.4f, %.1fs)",
             round_,

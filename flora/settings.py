@@ -12,9 +12,9 @@ import dataclasses
 import logging
 
 from flora.config import field
-from flora.errors import ConfigError, ProtocolError
+from flora.errors import ConfigError
 from flora.protocol.chunking import DEFAULT_MAX_MESSAGE_BYTES
-from flora.protocol.envelope import check_id
+from flora.protocol.topics import check_safe_id
 from flora.protocol.wire_settings import wire_settings_problem
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -39,18 +39,24 @@ class NodeSettings:
     )
     wire_compression: str = field("none", help="compression of the adapters this node sends: none or zstd")
     log_level: str = field("INFO", help="DEBUG, INFO, WARNING, ERROR")
+    mqtt_version: str = field(
+        "3.1.1",
+        help='"3.1.1" or "5"; with 5, the broker bounds in-flight deliveries to this node (Receive Maximum)',
+    )
 
     def __post_init__(self):
-        try:
-            check_id(self.node_id, "node_id")
-            check_id(self.run_id, "run_id")
-        except ProtocolError as exc:
-            raise ConfigError(exc.detail) from None
+        try:  # the strict rule, not the wire's: an id a broker rewrites would never be seen (PROTOCOL.md §1)
+            check_safe_id(self.node_id, "node_id")
+            check_safe_id(self.run_id, "run_id")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         problem = wire_settings_problem(
             max_message_bytes=self.max_message_bytes, encoding=self.wire_encoding, compression=self.wire_compression
         )
         if problem:
             raise ConfigError(problem)
+        if self.mqtt_version not in ("3.1.1", "5"):
+            raise ConfigError(f'mqtt_version must be "3.1.1" or "5", got {self.mqtt_version!r}')
         self.log_level = self.log_level.upper()
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")

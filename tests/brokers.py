@@ -6,14 +6,17 @@ Test-only: the runtime core never starts Mosquitto (operators run it as a servic
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
+import signal
+import subprocess
 import tempfile
 from pathlib import Path
 
 from flora.transport.base import TransportError
-from flora.transport.embedded import BrokerProcess, free_port
+from flora.transport.embedded import BrokerProcess, free_port, wait_for_port
 
 
 def mosquitto_binary() -> str:
@@ -77,3 +80,86 @@ def secured_mosquitto_broker(
     config = workdir / "mosquitto.conf"
     config.write_text(text + extra_config)
     return BrokerProcess([mosquitto_binary(), "-c", str(config)], host, port, log_path, workdir, scheme="mqtts")
+
+
+RABBITMQ_SERVER = "/usr/lib/rabbitmq/bin/rabbitmq-server"  # Debian's; /usr/sbin's wrapper would su to rabbitmq
+
+
+class RabbitMqBroker(BrokerProcess):
+    """RabbitMQ with its MQTT plugin, private to a test: its own node name, ports (MQTT, AMQP, distribution and
+    epmd), config, data and logs in a temporary directory, bound to loopback. Starting takes ~10-20 s.
+
+    RabbitMQ 3.x does not deliver retained messages to wildcard subscriptions and maps '.' in topics to '/'
+    (AMQP routing keys): the two ways it differs from Mosquitto that matter to FLoRA (docs/PROTOCOL.md §2).
+    """
+
+    def __init__(self, host: str = "127.0.0.1", log_path: Path | None = None):
+        port = free_port(host)
+        workdir = Path(tempfile.mkdtemp(prefix="flora-rabbitmq-"))
+        amqp, dist, epmd = free_port(host), free_port(host), free_port(host)
+        (workdir / "enabled_plugins").write_text("[rabbitmq_mqtt].\n")
+        (workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {host}:{amqp}\n"
+            f"mqtt.listeners.tcp.default = {host}:{port}\n"
+            "mqtt.allow_anonymous = true\n"
+            "log.console = true\nlog.file = false\n"
+        )
+        self.env = {
+            **os.environ,
+            "HOME": str(workdir),  # its Erlang cookie goes here
+            "RABBITMQ_NODENAME": f"flora-test-{port}@localhost",
+            "RABBITMQ_NODE_IP_ADDRESS": host,
+            "RABBITMQ_DIST_PORT": str(dist),
+            "ERL_EPMD_PORT": str(epmd),  # a private epmd, stopped with the broker
+            "RABBITMQ_CONFIG_FILE": str(workdir / "rabbitmq.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(workdir / "enabled_plugins"),
+            "RABBITMQ_MNESIA_BASE": str(workdir / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(workdir / "log"),
+        }
+        self.epmd_port = epmd
+        super().__init__([RABBITMQ_SERVER], host, port, log_path, workdir)
+
+    def start(self, timeout: float = 90.0) -> RabbitMqBroker:
+        if not os.access(RABBITMQ_SERVER, os.X_OK):
+            raise TransportError("rabbitmq-server is not installed; `apt-get install rabbitmq-server` (Debian)")
+        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env, cwd=self.workdir
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # the child has its own copy
+        try:
+            wait_for_port(self.host, self.port, timeout, self.proc)
+        except TransportError:
+            self.stop()
+            raise
+        return self
+
+    def _terminate(self) -> None:
+        # The server script starts beam and epmd in its own session: stop that whole group, epmd last.
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        epmd = shutil.which("epmd") or "/usr/bin/epmd"
+        if self.proc is not None and os.access(epmd, os.X_OK):
+            subprocess.run([epmd, "-port", str(self.epmd_port), "-kill"], capture_output=True, timeout=10)
+
+
+def bridged_mosquitto_brokers(bridge_topics: str, *, host: str = "127.0.0.1") -> tuple[BrokerProcess, BrokerProcess]:
+    """(central, site): two Mosquittos, the site one bridged to the central one with `bridge_topics` (the
+    `topic ...` lines of deploy/mosquitto/README.md's example). Start central first, stop site first."""
+    central = mosquitto_broker(host=host, persistence=True)
+    bridge = (
+        f"connection site-to-central\naddress {host}:{central.port}\nclientid flora-site-bridge\n"
+        "cleansession false\ntry_private true\nrestart_timeout 1 5\n" + bridge_topics
+    )
+    site = mosquitto_broker(host=host, persistence=True, extra_config=bridge)
+    return central, site

@@ -69,3 +69,20 @@ def test_the_configs_log_level_takes_effect_after_the_startup_default():
         cli._log_handler = saved_ours
         root.setLevel(saved_level)
     assert root.handlers == saved_handlers
+
+
+@pytest.mark.parametrize(("cls", "base"), [(ClientConfig, CLIENT), (CoordinatorConfig, COORDINATOR)])
+@pytest.mark.parametrize("key", ["node_id", "run_id"])
+@pytest.mark.parametrize(
+    ("value", "reason"),
+    [
+        ("site.jetson-1", "RabbitMQ's MQTT plugin maps '.' to a topic level separator"),
+        ("jetson:1", "outside the characters every broker maps to a topic level unchanged"),
+        ("jetsón", "outside the characters"),
+    ],
+)
+def test_ids_a_broker_would_rewrite_are_refused_at_load_with_the_reason(cls, base, key, value, reason):
+    # A '.' passes the wire's id rule, but RabbitMQ turns it into a second topic level: the node is never seen.
+    with pytest.raises(ConfigError, match=reason) as refused:
+        from_mapping(cls, {**base, key: value})
+    assert key in str(refused.value) and "letters, digits, '_' and '-'" in str(refused.value)

@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="show nodes and rounds seen on a broker")
     p.add_argument("--broker", required=True, help="mqtt://HOST:PORT")
-    p.add_argument("--run-id", default=None, help="only this run")
+    p.add_argument(
+        "--run-id", default=None, help="only this run; also asks its clients for a fresh status (presence request)"
+    )
     p.add_argument("--wait", type=float, default=2.0, help="seconds to collect retained messages")
     p.add_argument("--ca-file", default=None, help="CA certificate for mqtts:// (default: the system's CA store)")
     p.add_argument("--max-age-hours", type=float, default=24.0, help="hide runs that finished longer ago (default: 24)")

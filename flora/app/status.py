@@ -1,11 +1,17 @@
 """`flora status`: the nodes and the latest round a broker holds, read from retained messages.
 
+With `--run-id`, it also publishes a presence request for that run (docs/PROTOCOL.md §5.7), so every client
+online in it answers with a fresh status: the only way to see them on a broker that does not deliver retained
+messages to wildcard subscriptions (RabbitMQ 3.x), and a check that "online" is not a stale retained copy.
+Clients answer at most once per 5 s, so the wait is stretched to cover that.
+
 Runs whose coordinator said "finished" longer ago than `max_age_h` are left out (their retained
 messages stay on the broker forever); `show_all` keeps them. The broker URL is shown without its password.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -14,19 +20,25 @@ from rich.table import Table
 
 from flora.errors import ProtocolError
 from flora.live import rounds_table
-from flora.protocol import envelope_from_bytes
+from flora.protocol import Envelope, Topics, envelope_from_bytes, envelope_to_bytes
 from flora.protocol.topics import ALL_RUNS_METRICS, ALL_RUNS_STATUS
 from flora.transport import connect_transport
-from flora.transport.base import redact_url
+from flora.transport.base import Message, TransportError, redact_url
+
+PRESENCE_WAIT_S = 6.0  # clients answer a presence request at most once per 5 s (edge_client/presence.py)
 
 
 def collect(broker_url: str, *, run_id: str | None, wait: float, ca_file: str | None = None):
     """(nodes, rounds, finished_at): statuses by (run, node), the latest round record by run, and when each
     finished run's coordinator said so (its status envelope's sent_at)."""
-    transport = connect_transport(broker_url, f"flora-status-{int(time.time() * 1000) % 10**9}", ca_file=ca_file)
+    client_id = f"flora-status-{int(time.time() * 1000) % 10**9}"
+    transport = connect_transport(broker_url, client_id, ca_file=ca_file)
     transport.connect(timeout=10)
     transport.subscribe(ALL_RUNS_STATUS)
     transport.subscribe(ALL_RUNS_METRICS)
+    if run_id:
+        wait = max(wait, PRESENCE_WAIT_S)
+        ask_for_presence(transport, run_id, client_id)
     nodes, rounds, finished_at = {}, {}, {}
     end = time.monotonic() + wait
     try:
@@ -49,6 +61,14 @@ def collect(broker_url: str, *, run_id: str | None, wait: float, ca_file: str | 
     finally:
         transport.close()
     return nodes, rounds, finished_at
+
+
+def ask_for_presence(transport, run_id: str, sender: str) -> None:
+    """Ask the run's clients to publish their status now. Best effort: a secured broker's ACL may not let an
+    observer publish there (Mosquitto then drops it silently), and the retained statuses are still read."""
+    env = Envelope(kind="presence", run=run_id, sender=sender, data={})
+    with contextlib.suppress(TransportError):
+        transport.publish(Message(Topics(run_id).presence, envelope_to_bytes(env), qos=1), timeout=5)
 
 
 def stale_runs(finished_at: dict[str, float], *, max_age_h: float, now: float | None = None) -> set[str]:
@@ -100,6 +120,11 @@ def print_status(
         console.print(f"{len(hidden)} run(s) finished over {max_age_h:g} h ago not shown (--all shows them)")
     if not nodes and not rounds:
         console.print("no FLoRA nodes or rounds seen on this broker")
+        if not run_id:
+            console.print(
+                "a broker that does not deliver retained messages to wildcard subscriptions (RabbitMQ) shows nothing "
+                "here: pass --run-id RUN to ask that run's clients for their status"
+            )
     return 0
 
 

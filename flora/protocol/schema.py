@@ -255,6 +255,7 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "recipe": Field(text(128)),
         "capabilities": Field(scalar_map(CAPABILITIES, strict=False, what="status capabilities")),
         "health": Field(scalar_map(HEALTH, strict=False, what="status health")),
+        "answers": Field(text(64)),  # 1.2: msg_id of the last presence request this status answers (§5.7)
     },
     "update": {
         "num_examples": Field(integer(1, MAX_NUM_EXAMPLES), required=True, reason=RejectReason.BAD_METRICS),
@@ -272,6 +273,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
     "finished": {
         "rounds": Field(integer(0, MAX_ROUND)),
+    },
+    "presence": {  # 1.2: "publish your status now"; the reply is rate-limited by the client, whatever this says
+        "reply_within_s": Field(number(0, 3600)),
     },
 }
 

@@ -42,5 +42,6 @@ def transport_for(settings, *, clean_session: bool = False) -> Transport:
         cert_file=settings.cert_file,
         key_file=settings.key_file,
         max_message_bytes=settings.max_message_bytes,
+        mqtt_version=settings.mqtt_version,
     )
     return ChunkingTransport(inner, settings.max_message_bytes)

@@ -43,8 +43,9 @@ class Transport(abc.ABC):
         """Receive messages matching `topic_filter` (MQTT wildcards); kept across reconnects."""
 
     @abc.abstractmethod
-    def publish(self, message: Message, *, timeout: float = 30.0) -> None:
-        """Send; for QoS 1 returns once the broker acknowledged, else raises TransportError."""
+    def publish(self, message: Message, *, timeout: float | None = None) -> None:
+        """Send; for QoS 1 returns once the broker acknowledged. Waits through an outage of any length (logging
+        its progress) unless `timeout` is given, after which it raises TransportError."""
 
     @abc.abstractmethod
     def receive(self, timeout: float | None = None) -> Message | None:

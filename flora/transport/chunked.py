@@ -57,7 +57,7 @@ class ChunkingTransport(Transport):
             )
         self.inner.connect(will=will, timeout=timeout)
 
-    def publish(self, message: Message, *, timeout: float = 30.0) -> None:
+    def publish(self, message: Message, *, timeout: float | None = None) -> None:
         if not self._too_big(message):
             self.inner.publish(message, timeout=timeout)
             used_slots = 0
@@ -83,7 +83,7 @@ class ChunkingTransport(Transport):
             return False
         return mqtt_publish_packet_size(message.topic, len(message.payload), message.qos) > self.max_message_bytes
 
-    def _clear_stale_slots(self, topic: str, used: int, timeout: float) -> None:
+    def _clear_stale_slots(self, topic: str, used: int, timeout: float | None) -> None:
         # A late subscriber would otherwise receive the old message's chunks. They could never complete
         # (their last chunk on `topic` was replaced), but they would sit in its buffer until they expire.
         for index in range(used, self._retained_slots.get(topic, 0)):

@@ -54,8 +54,10 @@ class MemoryBroker:
                 else:  # an empty retained payload clears the topic, as in MQTT
                     self._retained.pop(message.topic, None)
             targets = [c for c in self._clients.values() if c.matches(message.topic)]
+        # As an MQTT broker does: the retain flag is set only on the stored copy sent to a new subscription.
+        live = Message(message.topic, message.payload, message.qos, retain=False) if message.retain else message
         for client in targets:
-            client.deliver(message)
+            client.deliver(live)
 
 
 class MemoryTransport(Transport):
@@ -83,7 +85,7 @@ class MemoryTransport(Transport):
         self._filters.append(topic_filter)
         self.broker.subscribed(self, topic_filter)
 
-    def publish(self, message: Message, *, timeout: float = 30.0) -> None:
+    def publish(self, message: Message, *, timeout: float | None = None) -> None:
         if not self._connected:
             raise TransportError("not connected")
         self.bytes_sent += len(message.payload)

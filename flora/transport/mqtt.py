@@ -1,13 +1,17 @@
-"""MQTT transport on paho-mqtt 2.x (callback API version 2), MQTT 3.1.1 for broad broker support.
+"""MQTT transport on paho-mqtt 2.x (callback API version 2): MQTT 3.1.1 (the default, for broad broker
+support) or MQTT 5 (`mqtt_version="5"`).
 
 Reconnects by itself with exponential backoff (paho's loop thread) and re-subscribes on every
-connect. A persistent session (`clean_session=False`) makes the broker queue QoS 1 messages
-for us while we are away: the coordinator uses it so updates sent during a restart survive.
+connect. A persistent session (`clean_session=False`; under MQTT 5, clean_start=False with a session expiry
+interval) makes the broker queue QoS 1 messages for us while we are away: the coordinator uses it so updates
+sent during a restart survive. A publish waits through an outage of any length (see publish).
 
 Flow control: messages wait in the broker, not in this process. A QoS 1 message is acknowledged only
-when the role takes it, and the network thread stops reading the socket while the inbox holds more than
-`max_inbox_bytes` (TCP then pushes back on the broker, which queues for us), except while a publish of
-ours awaits its PUBACK and while (re)connecting. Mosquitto's in-flight window alone does not do this:
+when the role takes it. Under MQTT 5 that is all it takes: the CONNECT's Receive Maximum caps the
+unacknowledged deliveries the broker may have out to us, so the inbox holds at most that many messages.
+MQTT 3.1.1 has no such cap, so there (the fallback) the network thread stops reading the socket while the
+inbox holds more than `max_inbox_bytes` (TCP then pushes back on the broker, which queues for us), except
+while a publish of ours awaits its PUBACK and while (re)connecting. Mosquitto's in-flight window alone does not do this:
 measured with 200 concurrent publishers and a consuming subscriber, it let 184 unacknowledged 100 KB
 messages through (bench/coordinator_scale.py saw 422 of 500). The broker must then be allowed to queue
 enough per client (Mosquitto: max_queued_messages; see deploy/mosquitto/mosquitto.conf).
@@ -25,6 +29,8 @@ from collections.abc import Callable
 from urllib.parse import unquote, urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from flora.protocol.chunking import mqtt_publish_packet_size
 from flora.transport.base import RECONNECTED, Message, Transport, TransportError, redact_url
@@ -33,6 +39,13 @@ log = logging.getLogger(__name__)
 
 DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 DEFAULT_MAX_INBOX_BYTES = 4 * 1024 * 1024  # ~40 paper-recipe updates (102 KB); a bigger message still gets in
+MQTT_VERSIONS = ("3.1.1", "5")
+SESSION_EXPIRY_S = 0xFFFFFFFF  # MQTT 5: "never expires", as a 3.1.1 persistent session (clean_session=False)
+DEFAULT_RECEIVE_MAXIMUM_MESSAGE_BYTES = 120_000  # to turn max_inbox_bytes into a message count without a limit
+# paho's reconnect backoff doubles from 1 s up to this: after an outage the fleet is back within ~10 s of the
+# broker (at 30 s, a 45 s outage cost a minute), and 500 devices retrying every 10 s are no load for a broker.
+RECONNECT_MAX_DELAY_S = 10
+PUBLISH_WAIT_LOG_S = 10.0  # a publish waiting through an outage says so this often
 PAUSED_WAKEUP_S = 0.05  # while reading is paused, the network thread still wakes this often (pings, writes)
 
 
@@ -107,8 +120,17 @@ class MqttTransport(Transport):
         keepalive: int = 30,
         max_message_bytes: int | None = None,
         max_inbox_bytes: int = DEFAULT_MAX_INBOX_BYTES,
+        mqtt_version: str = "3.1.1",
+        receive_maximum: int | None = None,
     ):
+        if mqtt_version not in MQTT_VERSIONS:
+            raise TransportError(f"mqtt_version must be one of {', '.join(MQTT_VERSIONS)}, got {mqtt_version!r}")
         scheme, self.host, self.port, url_user, url_password = parse_broker_url(url)
+        self.mqtt_version = mqtt_version
+        self.clean_session = clean_session
+        # MQTT 5: the inbox bound as a message count (each message at most one max_message_bytes packet).
+        per_message = max_message_bytes or DEFAULT_RECEIVE_MAXIMUM_MESSAGE_BYTES
+        self.receive_maximum = receive_maximum or max(1, min(65535, max_inbox_bytes // per_message))
         self.url = redact_url(url)  # what logs and errors show: never the password
         self.client_id = client_id
         self.max_message_bytes = max_message_bytes
@@ -127,15 +149,18 @@ class MqttTransport(Transport):
         self.bytes_sent = 0
         self.bytes_received = 0
 
+        if mqtt_version == "5":  # session persistence is a connect option under MQTT 5 (see connect)
+            session = {"protocol": mqtt.MQTTv5}
+        else:
+            session = {"protocol": mqtt.MQTTv311, "clean_session": clean_session}
         self._client = _PausableClient(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=mqtt.MQTTv311,
-            clean_session=clean_session,
             may_read=self._may_read,
             wake=self._wake_reader,
+            **session,
         )
-        self._client.reconnect_delay_set(min_delay=1, max_delay=30)
+        self._client.reconnect_delay_set(min_delay=1, max_delay=RECONNECT_MAX_DELAY_S)
         self._client.manual_ack_set(True)  # acknowledged in receive(): see there
         # Queue outgoing QoS 1 messages while disconnected rather than failing at once.
         self._client.max_queued_messages_set(0)
@@ -180,7 +205,11 @@ class MqttTransport(Transport):
 
     def _may_read(self) -> bool:
         """Read on while the inbox has room, and always while one of our publishes awaits its PUBACK
-        (it is behind whatever the broker sent before it; not reading would deadlock publish())."""
+        (it is behind whatever the broker sent before it; not reading would deadlock publish()).
+        Under MQTT 5 always: Receive Maximum bounds what the broker sends, and paho's private fields stay
+        untouched."""
+        if self.mqtt_version == "5":
+            return True
         with self._lock:
             return self._inbox_bytes < self.max_inbox_bytes or self._awaiting_acks > 0
 
@@ -192,7 +221,7 @@ class MqttTransport(Transport):
         delay = 0.5
         while True:
             try:
-                self._client.connect(self.host, self.port, keepalive=self.keepalive)
+                self._client.connect(self.host, self.port, keepalive=self.keepalive, **self._connect_options())
                 break
             except ssl.SSLCertVerificationError as exc:  # retrying cannot make an untrusted certificate trusted
                 _close_sockets_left_in(exc.__traceback__)
@@ -222,6 +251,22 @@ class MqttTransport(Transport):
                 self.close()
                 raise TransportError(f"no CONNACK from {self.url} within {timeout:.0f}s")
 
+    def _connect_options(self) -> dict:
+        """MQTT 5's CONNECT: clean_start and a session expiry interval where 3.1.1 has clean_session, and the
+        Receive Maximum that bounds in-flight deliveries. paho keeps both for its reconnects."""
+        if self.mqtt_version != "5":
+            return {}
+        properties = Properties(PacketTypes.CONNECT)
+        properties.ReceiveMaximum = self.receive_maximum
+        if not self.clean_session:
+            properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        return {"clean_start": self.clean_session, "properties": properties}
+
+    @property
+    def inbox_messages(self) -> int:
+        """Messages received but not yet taken by receive() (each QoS 1 one is still unacknowledged)."""
+        return self._inbox.qsize()
+
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         with self._lock:
             self._filters[topic_filter] = qos
@@ -230,7 +275,11 @@ class MqttTransport(Transport):
             if result != mqtt.MQTT_ERR_SUCCESS:
                 raise TransportError(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(result)}")
 
-    def publish(self, message: Message, *, timeout: float = 30.0) -> None:
+    def publish(self, message: Message, *, timeout: float | None = None) -> None:
+        """Send; for QoS 1 return once the broker acknowledged it. Through an outage of any length this waits for
+        paho's reconnect (logging how long, every PUBLISH_WAIT_LOG_S) unless `timeout` seconds are given: a node
+        that exits because the broker restarts slowly needs a supervisor to come back, one that waits does not.
+        Memory stays bounded: the caller is blocked, so at most this one message waits."""
         size = len(message.payload)
         packet = mqtt_publish_packet_size(message.topic, size, message.qos)
         if self.max_message_bytes is not None and packet > self.max_message_bytes:
@@ -241,25 +290,23 @@ class MqttTransport(Transport):
                 f"{self.max_message_bytes}-byte max_message_bytes configured for this broker; send it through "
                 "flora.transport.transport_for (which chunks it) or raise max_message_bytes to the broker's limit"
             )
-        deadline = time.monotonic() + timeout
+        wait = _PublishWait(self, message.topic, size, timeout)
         while True:
             # Through a broker restart or network blip: wait for paho's reconnect rather than fail at once.
-            if not self._connected.wait(max(0.0, deadline - time.monotonic())):
-                raise TransportError(
-                    f"broker {self.url} unreachable for {timeout:.0f}s; could not publish on {message.topic}"
-                )
+            wait.until_connected()
             info = self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
             self._wake_reader.set()  # a paused network thread writes it now, not after its wait
             if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise TransportError(f"publish to {message.topic} failed: {mqtt.error_string(info.rc)}")
-            if message.qos == 0 or self._wait_for_ack(info, deadline, message.topic, timeout):
+            if message.qos == 0 or self._wait_for_ack(info, wait):
                 break
             # The connection dropped before the broker's acknowledgement: publish again once reconnected.
             # A duplicate is harmless: every receiver is idempotent under QoS 1's at-least-once delivery.
+        wait.done()
         self.bytes_sent += size
 
-    def _wait_for_ack(self, info, deadline: float, topic: str, timeout: float) -> bool:
-        """True once acknowledged; False if the connection dropped first (paho then raises RuntimeError)."""
+    def _wait_for_ack(self, info, wait: _PublishWait) -> bool:
+        """True once acknowledged; False if the connection dropped first (publish then sends it again)."""
         with self._lock:
             self._awaiting_acks += 1
         self._wake_reader.set()
@@ -270,8 +317,9 @@ class MqttTransport(Transport):
                         return True
                 except RuntimeError:
                     return False
-                if time.monotonic() > deadline:
-                    raise TransportError(f"broker did not acknowledge {topic} within {timeout:.0f}s")
+                if not self._connected.is_set():
+                    return False  # paho keeps it for the session too; a duplicate is harmless (see publish)
+                wait.check_ack()
                 time.sleep(0.01)
         finally:
             with self._lock:
@@ -307,6 +355,61 @@ class MqttTransport(Transport):
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+
+class _PublishWait:
+    """How long one publish has waited for the broker: raises past an explicit timeout, otherwise logs progress."""
+
+    def __init__(self, transport: MqttTransport, topic: str, size: int, timeout: float | None):
+        self.transport, self.topic, self.size, self.timeout = transport, topic, size, timeout
+        self.started = time.monotonic()
+        self.deadline = None if timeout is None else self.started + timeout
+        self.next_log = self.started + PUBLISH_WAIT_LOG_S
+        self.logged = False
+
+    def until_connected(self) -> None:
+        connected = self.transport._connected
+        while not connected.wait(self._slice()):
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                url = self.transport.url
+                raise TransportError(
+                    f"broker {url} unreachable for {self.timeout:.0f}s; could not publish on {self.topic}"
+                )
+            self._progress("unreachable")
+
+    def check_ack(self) -> None:
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TransportError(f"broker did not acknowledge {self.topic} within {self.timeout:.0f}s")
+        self._progress("has not acknowledged")
+
+    def done(self) -> None:
+        if self.logged:
+            log.info(
+                "published on %s after waiting %.0f s for broker %s", self.topic, self._waited(), self.transport.url
+            )
+
+    def _slice(self) -> float:
+        now = time.monotonic()
+        ends = [self.next_log] + ([self.deadline] if self.deadline is not None else [])
+        return max(0.01, min(ends) - now)
+
+    def _waited(self) -> float:
+        return time.monotonic() - self.started
+
+    def _progress(self, what: str) -> None:
+        if time.monotonic() < self.next_log:
+            return
+        self.next_log = time.monotonic() + PUBLISH_WAIT_LOG_S
+        self.logged = True
+        log.warning(
+            "broker %s %s for %.0f s, waiting to publish on %s (%d bytes queued); it is retried until the broker "
+            "is back",
+            self.transport.url,
+            what,
+            self._waited(),
+            self.topic,
+            self.size,
+        )
 
 
 def _close_sockets_left_in(tb) -> None:

@@ -39,7 +39,8 @@ topic readwrite flora/v1/#
 
 DEVICES_HEADER = """
 # Devices (one block each, added by `flora provision`): read what is addressed to every device, the
-# instruction and the round results. Nothing else: not another device's update or status.
+# instruction, the round results and the coordinator's presence requests (protocol 1.2). Nothing else:
+# not another device's update or status.
 """
 
 DEVICE_BLOCK = """
@@ -48,6 +49,7 @@ topic read flora/v1/+/instruction
 topic read flora/v1/+/instruction/chunk/+
 topic read flora/v1/+/metrics
 topic read flora/v1/+/metrics/chunk/+
+topic read flora/v1/+/presence
 """
 
 

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from flora.app.provision.broker import add_device_to_acl, set_password
-from flora.errors import ConfigError, ProtocolError
+from flora.errors import ConfigError
 from flora.files import atomic_write_bytes
-from flora.protocol.envelope import check_id
 from flora.protocol.signing import generate_private_key, write_private_key, write_public_key
+from flora.protocol.topics import check_safe_id
 
 # Renders a role's settings (a flat mapping) as the TOML text of its config file, validating them.
 RenderConfig = Callable[[dict[str, Any]], str]
@@ -149,10 +149,10 @@ def check_device_id(settings: ProvisionSettings, node_id: str) -> str:
 
 
 def _check(value: str, what: str) -> str:
-    try:
-        return check_id(value, what)
-    except ProtocolError as exc:
-        raise ConfigError(exc.detail) from None
+    try:  # the ids a config may hold (flora/settings.py): a provisioned device must be able to load its own config
+        return check_safe_id(value, what)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _account(settings: ProvisionSettings, home: Path, node: str, password: str) -> dict[str, str]:
