@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from coordinator.objective import check_objective
 from flora.algorithms import make_strategy, strategy_class, strategy_names
 from flora.config import field, load_config
 from flora.errors import ConfigError
@@ -53,6 +54,14 @@ class CoordinatorConfig(NodeSettings):
     weight_decay: float = field(0.2, help="clients' weight decay (paper: 0.2)")
     batch_size: int = field(128, help="clients' batch size (paper: 128); clients may lower it")
     prompt_template: str = field(DEFAULT_TEMPLATE, help="class prompt; {label} is the class name")
+    objective: str = field(
+        "class-prompts",
+        help="clients' local loss: class-prompts (each image against every class prompt of the run, sent in the "
+        "instruction) or in-batch (CLIP's loss over the batch's own texts; caption data always uses it)",
+    )
+    class_names: list[str] = field(
+        factory=list, help="the run's class names for the class-prompts objective (default: eval_data_dir's classes)"
+    )
     max_update_norm: float | None = field(None, help="reject updates whose change has a larger L2 norm")
     max_weight_factor: float | None = field(
         10.0,
@@ -108,6 +117,7 @@ class CoordinatorConfig(NodeSettings):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_objective(self.objective, self.class_names)
         if self.output_dir is None:
             self.output_dir = self.checkpoint_dir
         if self.require_signatures is None:
