@@ -92,7 +92,8 @@ def test_table_means_and_spreads_over_seeds():
 
     base = {"recipe": "paper", "split": "iid", "strategy": "fedavg", "objective": "in-batch"}
     rows = [
-        {**base, "test_accuracy": a, "trainable_parameters": 512, "bytes_per_update": 2048, "seconds_per_round": 1.0}
+        {**base, "test_accuracy": a, "initial_validation_accuracy": 0.1, "trainable_parameters": 512}
+        | {"bytes_per_update": 2048, "seconds_per_round": 1.0}
         for a in (0.5, 0.6, 0.7)
     ]
     (line,) = [x for x in table_markdown(rows).splitlines() if x.startswith("| paper")]

@@ -45,6 +45,9 @@ class ExperimentConfig:
     prompt_template: str = field("a photo of the digit {label}.", help="class prompt; {label} is the class name")
     wire_encoding: str = field("float32", help="adapter encoding on the wire")
     device: str = field("cpu", help="cpu or cuda")
+    threads: int = field(
+        1, help="torch CPU threads; 1 on a shared machine, where a second OpenMP thread stalls on a busy core"
+    )
     recipes: list[str] = field(factory=lambda: ["paper"], help="LoRA recipes (flora.modeling.recipes)")
     splits: list[str] = field(
         factory=lambda: ["iid", "dirichlet-0.1"],

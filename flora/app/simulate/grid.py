@@ -30,7 +30,7 @@ def base_model(exp: ExperimentConfig) -> str:
             write_tiny_clip(path, seed=0)
         return str(path)
     if exp.model == "pretrained-digits":
-        from flora.app.pretrain import pretrained_digits_model
+        from flora.modeling.pretrain import pretrained_digits_model
 
         return str(pretrained_digits_model())
     return exp.model
@@ -57,6 +57,9 @@ def run_grid(exp: ExperimentConfig, *, progress: bool = True) -> list[dict[str, 
     todo = [c for c in cells if c.key not in done]
     if done:
         log.info("resuming: %d of %d cells already finished", len(cells) - len(todo), len(cells))
+    import torch
+
+    torch.set_num_threads(exp.threads)
     model = base_model(exp)
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress, desc=exp.name)
     try:

@@ -38,15 +38,16 @@ def settings(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
 def table_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| recipe | split | strategy | objective | test accuracy % (mean ± sd) | seeds | trainable params "
-        "| bytes / update | s / round |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| bytes / update | s / round | start % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (recipe, split, strategy, objective), group in settings(rows).items():
         mean, sd = mean_spread([100 * r["test_accuracy"] for r in group])
         seconds = statistics.fmean(r["seconds_per_round"] for r in group)
+        start = statistics.fmean(100 * r["initial_validation_accuracy"] for r in group)  # before round 1
         lines.append(
             f"| {recipe} | {split} | {strategy} | {objective} | {mean:.1f} ± {sd:.1f} | {len(group)} "
-            f"| {group[0]['trainable_parameters']:,} | {group[0]['bytes_per_update']:,} | {seconds:.1f} |"
+            f"| {group[0]['trainable_parameters']:,} | {group[0]['bytes_per_update']:,} | {seconds:.1f} | {start:.1f} |"
         )
     return "\n".join(lines) + "\n"
 
