@@ -74,11 +74,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from flora.app.simulate import load_experiment, run_grid
 
-    if args.processes:
-        raise FloraError("--processes is not implemented yet; run without it (one process, shared base model)")
     experiment = load_experiment(args.config, out=args.out)
     logging.getLogger().setLevel(logging.WARNING)  # the progress view, not every round's log lines
-    rows = run_grid(experiment)
+    rows = run_grid(experiment, processes=args.processes or args.broker is not None, broker=args.broker)
     print(f"{len(rows)} cells finished; results in {experiment.out}/ (table.md, results.csv, plots/)")
     return 0
 
@@ -302,7 +300,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="run a grid of federated experiments on this machine (resumable)")
     p.add_argument("--config", required=True, help="experiment TOML (see experiments/*.toml)")
     p.add_argument("--out", default=None, help="override the experiment's output directory")
-    p.add_argument("--processes", action="store_true", help="run each cell as separate processes (not yet)")
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="run each cell's clients as separate `flora client` processes over the embedded broker (or --broker)",
+    )
+    p.add_argument(
+        "--broker", default=None, help="with --processes: this broker (mqtt://HOST:PORT), not an embedded one"
+    )
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("export", help="merge an adapter into its base and export validated ONNX")

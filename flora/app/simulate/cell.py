@@ -16,8 +16,9 @@ from typing import Any
 from coordinator.config import CoordinatorConfig
 from coordinator.main import build_coordinator
 from flora.app.simulate.data import cell_data
-from flora.app.simulate.experiment import Cell, ExperimentConfig
+from flora.app.simulate.experiment import Cell, ExperimentConfig, strategy_name
 from flora.app.simulate.fleet import VirtualFleet
+from flora.app.simulate.processes import ProcessFleet
 from flora.data.datasets import pixel_values
 from flora.modeling import scoring
 from flora.modeling.recipes import get_recipe
@@ -34,17 +35,24 @@ class RoundProgress:
         self.callback(event.round)
 
 
-def run_cell(exp: ExperimentConfig, cell: Cell, model: str, work_dir: Path, on_round=None) -> dict[str, Any]:
-    """Run `cell` to the end; returns its row (see report.COLUMNS). `model` is the base checkpoint directory."""
+def run_cell(
+    exp: ExperimentConfig, cell: Cell, model: str, work_dir: Path, on_round=None, *, broker_url: str | None = None
+) -> dict[str, Any]:
+    """Run `cell` to the end; returns its row (see report.COLUMNS). `model` is the base checkpoint directory.
+
+    Without `broker_url`: every client in this process (VirtualFleet, in-memory broker). With it (mqtt://...):
+    every client a `flora client` process (ProcessFleet) on that broker.
+    """
     started = time.perf_counter()
     data = cell_data(exp, cell.split, cell.seed, work_dir)
     run_dir = work_dir / "runs" / cell.key
     shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted cell starts over: only finished cells count
     broker = f"sim-{cell.key}-{time.monotonic_ns()}"
-    url = f"memory://{broker}"
+    url = broker_url or f"memory://{broker}"
+    run_id = f"sim-{time.monotonic_ns()}"  # a shared broker may keep an earlier cell's retained messages
     config = CoordinatorConfig(
         model=model,
-        run_id="sim",
+        run_id=run_id,
         broker_url=url,
         recipe=cell.recipe,
         rounds=exp.rounds,
@@ -59,7 +67,7 @@ def run_cell(exp: ExperimentConfig, cell: Cell, model: str, work_dir: Path, on_r
         batch_size=exp.batch_size,
         prompt_template=exp.prompt_template,
         objective=cell.objective,
-        strategy=cell.strategy,
+        strategy=strategy_name(cell.strategy),
         strategy_params=exp.params_of(cell.strategy),
         checkpoint_dir=run_dir / "checkpoint",
         output_dir=run_dir / "out",
@@ -71,12 +79,13 @@ def run_cell(exp: ExperimentConfig, cell: Cell, model: str, work_dir: Path, on_r
     )
     subscribers = [RoundProgress(on_round)] if on_round is not None else []
     coordinator = build_coordinator(config, subscribers=subscribers)
-    fleet = VirtualFleet(
+    fleet_class = VirtualFleet if broker_url is None else ProcessFleet
+    fleet = fleet_class(
         model,
-        get_recipe(cell.recipe),
+        get_recipe(cell.recipe) if broker_url is None else cell.recipe,
         data.clients,
         broker_url=url,
-        run_id="sim",
+        run_id=run_id,
         state_dir=run_dir / "clients",
         batch_size=exp.batch_size,
         device=exp.device,
@@ -98,7 +107,7 @@ def run_cell(exp: ExperimentConfig, cell: Cell, model: str, work_dir: Path, on_r
         scoring.class_prompts(data.test.class_names, exp.prompt_template),
     )
     rounds = report["rounds"]
-    trainable = fleet.trainable_parameters
+    trainable = sum(int(t.size) for t in coordinator.global_tensors.values())
     row = {
         "key": cell.key,
         "recipe": cell.recipe,

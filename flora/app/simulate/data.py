@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from flora.app.simulate.experiment import ExperimentConfig, split_kwargs
-from flora.data.datasets import LabeledImages, load_image_folder, write_image_folder
+from flora.data.datasets import LabeledImages, write_image_folder
+from flora.data.formats import load_local_data
 from flora.data.partition import partition, train_test_split
 from flora.errors import ConfigError
 
@@ -32,22 +33,22 @@ class CellData:
 _LOADED: dict[str, LabeledImages] = {}
 
 
-def load_dataset(name: str) -> LabeledImages:
-    """'digits' (scikit-learn's, offline) or an image folder; loaded once per process."""
+def load_dataset(name: str, data_format: str = "image-folder") -> LabeledImages:
+    """'digits' (scikit-learn's, offline) or a path in `data_format`; loaded once per process."""
     if name not in _LOADED:
         if name == "digits":
             from flora.data.digits import load_digits_images
 
             _LOADED[name] = load_digits_images()
         else:
-            _LOADED[name] = load_image_folder(name)
+            _LOADED[name] = load_local_data(name, data_format)
     return _LOADED[name]
 
 
 def cell_data(exp: ExperimentConfig, split: str, seed: int, work_dir: Path) -> CellData:
-    data = load_dataset(exp.dataset)
+    data = load_dataset(exp.dataset, exp.data_format)
     if exp.test_dataset:
-        train_idx, test = np.arange(len(data)), load_image_folder(exp.test_dataset)
+        train_idx, test = np.arange(len(data)), load_dataset(exp.test_dataset, exp.data_format)
         if test.class_names != data.class_names:
             raise ConfigError(f"test_dataset {exp.test_dataset} has other classes than {exp.dataset}")
     else:

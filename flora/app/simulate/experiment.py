@@ -33,7 +33,8 @@ class ExperimentConfig:
     out: Path = field(Path("experiments/out"), help="results: cells/, results.csv, results.json, table.md, plots/")
     model: str = field("tiny", help="base checkpoint directory, 'tiny' (random tiny CLIP) or 'pretrained-digits'")
     dataset: str = field("digits", help="digits (scikit-learn's), or an image folder with one subfolder per class")
-    test_dataset: str | None = field(None, help="a separate test image folder (default: test_fraction of dataset)")
+    data_format: str = field("image-folder", help="format of dataset and test_dataset paths: image-folder, hf-dataset")
+    test_dataset: str | None = field(None, help="a separate test set, same format (default: test_fraction of dataset)")
     test_fraction: float = field(0.2, help="share of the dataset held out for test (stratified, seeded)")
     validation_fraction: float = field(0.1, help="share of the training data held out to choose settings")
     clients: int = field(10, help="virtual clients per cell")
@@ -54,8 +55,13 @@ class ExperimentConfig:
         help="iid, dirichlet-BETA, pathological-K, few-shot-K, or centralized (one client holding all the data: "
         "the reference, same rounds x local epochs)",
     )
-    strategies: list[str] = field(factory=lambda: ["fedavg"], help="strategy names (flora.algorithms)")
-    strategy_params: dict = field(factory=dict, help="per strategy name, its parameters: {fedprox = {mu = 0.01}}")
+    strategies: list[str] = field(
+        factory=lambda: ["fedavg"],
+        help="strategy names (flora.algorithms); NAME@VARIANT runs NAME with strategy_params['NAME@VARIANT']",
+    )
+    strategy_params: dict = field(
+        factory=dict, help='per strategy (or variant), its parameters: {fedprox = {mu = 0.01}, "fedavgm@0.9" = {...}}'
+    )
     objectives: list[str] = field(factory=lambda: ["class-prompts"], help="class-prompts, in-batch")
     seeds: list[int] = field(factory=lambda: [0], help="seeds: data split, selection, initial adapter")
 
@@ -66,7 +72,7 @@ class ExperimentConfig:
             split_kwargs(split)
         for strategy in self.strategies:
             try:
-                make_strategy(strategy, self.params_of(strategy))
+                make_strategy(strategy_name(strategy), self.params_of(strategy))
             except ValueError as exc:
                 raise ConfigError(f"strategies: {strategy}: {exc}") from None
         for objective in self.objectives:
@@ -116,6 +122,11 @@ class Cell:
     def setting(self) -> tuple[str, str, str, str]:
         """The cell without its seed: seeds of one setting are averaged in the table."""
         return (self.recipe, self.split, self.strategy, self.objective)
+
+
+def strategy_name(strategy: str) -> str:
+    """The registered name of a grid strategy: 'fedavgm' for 'fedavgm@0.9' (a variant: other parameters)."""
+    return strategy.split("@", 1)[0]
 
 
 def split_kwargs(split: str) -> tuple[str, dict]:

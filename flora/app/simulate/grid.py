@@ -44,8 +44,13 @@ def finished_rows(out: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
-def run_grid(exp: ExperimentConfig, *, progress: bool = True) -> list[dict[str, Any]]:
-    """Run every unfinished cell of `exp`; returns every row (finished before and now), in grid order."""
+def run_grid(
+    exp: ExperimentConfig, *, progress: bool = True, processes: bool = False, broker: str | None = None
+) -> list[dict[str, Any]]:
+    """Run every unfinished cell of `exp`; returns every row (finished before and now), in grid order.
+
+    `processes`: each cell's clients run as `flora client` processes over `broker` (default: an embedded one).
+    """
     from tqdm import tqdm
 
     from flora.app.simulate.cell import run_cell
@@ -61,6 +66,13 @@ def run_grid(exp: ExperimentConfig, *, progress: bool = True) -> list[dict[str, 
 
     torch.set_num_threads(exp.threads)
     model = base_model(exp)
+    embedded = None
+    broker_url = broker
+    if processes and broker is None:
+        from flora.transport.embedded import embedded_broker
+
+        embedded = embedded_broker(log_path=out / "work" / "broker.log").start()
+        broker_url = embedded.url
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), unit="cell", disable=not progress, desc=exp.name)
     try:
         for cell in todo:
@@ -71,13 +83,15 @@ def run_grid(exp: ExperimentConfig, *, progress: bool = True) -> list[dict[str, 
                 per_round = (time.perf_counter() - _started) / round_
                 bar.set_postfix_str(f"round {round_}/{exp.rounds}, cell ~{per_round * exp.rounds:.0f}s")
 
-            row = run_cell(exp, cell, model, out / "work", on_round=on_round)
+            row = run_cell(exp, cell, model, out / "work", on_round=on_round, broker_url=broker_url)
             atomic_write_json(out / "cells" / f"{cell.key}.json", row)
             done[cell.key] = row
             write_summaries(exp, [done[c.key] for c in cells if c.key in done], out)
             bar.update(1)
     finally:
         bar.close()
+        if embedded is not None:
+            embedded.stop()
     rows = [done[c.key] for c in cells if c.key in done]
     write_summaries(exp, rows, out)
     return rows
