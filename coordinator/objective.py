@@ -1,10 +1,11 @@
 """The clients' local objective, as the instruction states it (docs/PROTOCOL.md §5.2, `train.class_prompts`).
 
-`class-prompts` (the default): the instruction names every class prompt of the run, so each client contrasts its
+`class-prompts`: the instruction names every class prompt of the run, so each client contrasts its
 images with all classes, also those it holds no example of. Under label skew most clients hold one or two
 classes; CLIP's in-batch loss then sees almost no negatives and the clients' updates pull apart. The class names
 are not private: the coordinator's evaluation data names them (or the config lists them).
-`in-batch`: CLIP's contrastive loss over the texts of each batch only, the paper's, needed for caption data.
+`in-batch` (the default): CLIP's contrastive loss over the texts of each batch only, the paper's, needed for caption
+data. It stays the default because the grid (EXPERIMENTS.md) did not measure class-prompts better under label skew.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from tests.integration.helpers import TEMPLATE, client_configs, coordinator_conf
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # 16 rounds x 10 clients: slow on a busy machine
 
 CLIENTS, ROUNDS, LOCAL_EPOCHS = 10, 16, 1
+STRATEGY, STRATEGY_PARAMS, OBJECTIVE = "fedavgm", {"momentum": 0.5}, "in-batch"
 MARGIN = 0.25  # stated: FedAvg may trail centralized by at most 25 points under Dirichlet(0.1)
 
 
@@ -34,8 +35,9 @@ def test_federated_accuracy_is_within_the_stated_margin_of_centralized(
     data_dirs = [write_image_folder(digits.subset(train_idx[p]), tmp_path / f"data-{i}") for i, p in enumerate(parts)]
 
     config = coordinator_config(
-        tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=CLIENTS, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS
-    )
+        tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=CLIENTS, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS,
+        strategy=STRATEGY, strategy_params=STRATEGY_PARAMS, objective=OBJECTIVE,
+    )  # fmt: skip
     coordinator = build_coordinator(config)
     coordinator.start()
     _agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs))

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.config import CoordinatorConfig
+from coordinator.live_view import RoundView
 from coordinator.main import build_coordinator
+from coordinator.outputs import MetricsPlot
 from flora.app.simulate.data import cell_data
 from flora.app.simulate.experiment import Cell, ExperimentConfig, strategy_name
 from flora.app.simulate.fleet import VirtualFleet
@@ -79,6 +81,11 @@ def run_cell(
     )
     subscribers = [RoundProgress(on_round)] if on_round is not None else []
     coordinator = build_coordinator(config, subscribers=subscribers)
+    for subscriber in coordinator.events.subscribers:
+        if isinstance(subscriber, (MetricsPlot, RoundView)):
+            # A cell's metrics.png and live table would be redrawn every round and thrown away with the cell
+            # (matplotlib took most of a tiny round); the grid draws its own plots and shows its own progress.
+            coordinator.events.unsubscribe(subscriber)
     fleet_class = VirtualFleet if broker_url is None else ProcessFleet
     fleet = fleet_class(
         model,
