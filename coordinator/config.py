@@ -60,6 +60,11 @@ class CoordinatorConfig(NodeSettings):
         "uses it) or class-prompts (each image against every class prompt of the run, sent in the instruction). "
         "in-batch stays the default: EXPERIMENTS.md measures class-prompts no better under label skew",
     )
+    logit_calibration: float = field(
+        0.0,
+        help="with objective = class-prompts: FedLC's tau, each class's logit lowered by tau * n^(-1/4) during "
+        "local training (n its local count), against label skew; 0 = off",
+    )
     class_names: list[str] = field(
         factory=list, help="the run's class names for the class-prompts objective (default: eval_data_dir's classes)"
     )
@@ -119,6 +124,8 @@ class CoordinatorConfig(NodeSettings):
             if not ok:
                 raise ConfigError(message)
         check_objective(self.objective, self.class_names)
+        if not 0 <= self.logit_calibration <= 100:
+            raise ConfigError(f"logit_calibration must be in [0, 100], got {self.logit_calibration}")
         if self.output_dir is None:
             self.output_dir = self.checkpoint_dir
         if self.require_signatures is None:

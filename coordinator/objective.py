@@ -30,8 +30,10 @@ def check_objective(objective: str, class_names: Sequence[str]) -> None:
         raise ConfigError("class_names repeats a name; list each class once")
 
 
-def objective_settings(objective: str, class_names: Sequence[str] | None, template: str) -> dict[str, Any]:
-    """The instruction's `train` keys for `objective`: {"class_prompts": [...]} or nothing.
+def objective_settings(
+    objective: str, class_names: Sequence[str] | None, template: str, logit_calibration: float = 0.0
+) -> dict[str, Any]:
+    """The instruction's `train` keys for `objective`: {"class_prompts": [...], "logit_calibration": tau} or nothing.
 
     Without class names (no evaluation data, none configured) there is nothing to send and clients fall back to
     the in-batch loss. Prompts a client would refuse (too long) are a configuration error, said before round 1.
@@ -45,4 +47,5 @@ def objective_settings(objective: str, class_names: Sequence[str] | None, templa
             f"class prompt {too_long[0][:60]!r}... is over {MAX_PROMPT_CHARS} characters; shorten the class name "
             "or prompt_template"
         )
-    return {"class_prompts": prompts}
+    calibration = {"logit_calibration": logit_calibration} if logit_calibration > 0 else {}
+    return {"class_prompts": prompts, **calibration}

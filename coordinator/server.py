@@ -355,6 +355,7 @@ class Coordinator:
                     self.config.objective,
                     self.config.class_names or self.training.class_names,
                     self.config.prompt_template,
+                    self.config.logit_calibration,
                 ),
             },
         )

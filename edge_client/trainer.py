@@ -65,6 +65,7 @@ class TrainSettings:
     prompt_template: str = scoring.DEFAULT_TEMPLATE
     client_hooks: tuple[ClientHook, ...] = ()  # the strategy's client halves (FedProx, FFA-LoRA, ...), in order
     class_prompts: tuple[str, ...] = ()  # the run's class prompts (1.2): class data contrasts with all of them
+    logit_calibration: float = 0.0  # FedLC's tau (1.2): with class prompts, logits minus tau * n_class^(-1/4)
 
     @classmethod
     def from_instruction(cls, data: dict[str, Any]) -> TrainSettings:
@@ -248,7 +249,21 @@ class LocalTrainer:
         mapping = torch.as_tensor([position[text] for text in local], device=self.device)
         return texts, mapping[self.text_index], True
 
-    def _accumulate_gradients(self, idx, text_inputs: dict[str, Any], micro: int, scaler=None, every_text=None):
+    def calibration(self, text_index, texts: int, tau: float):
+        """FedLC's logit calibration (Zhang et al., ICML 2022) for label skew: during local training each class's
+        logit is lowered by tau * n^(-1/4), n its local count (at least 1, so a class this client lacks gets the
+        largest shift). The softmax then stops pushing the classes the client rarely sees as hard away from its
+        images as their counts alone would, which is what pulls the skewed clients' updates apart. None when off."""
+        import torch
+
+        if tau <= 0:
+            return None
+        counts = torch.bincount(text_index, minlength=texts).float().clamp(min=1)
+        return -tau * counts.pow(-0.25)
+
+    def _accumulate_gradients(
+        self, idx, text_inputs: dict[str, Any], micro: int, scaler=None, every_text=None, calibration=None
+    ):
         """Add d(loss)/d(params) of the family's loss over examples `idx` to `.grad`; return the loss.
 
         `every_text` (a text index per example, from `round_texts`) contrasts each image with every text of
@@ -268,6 +283,8 @@ class LocalTrainer:
             text_ids = torch.arange(next(iter(text_inputs.values())).shape[0], device=idx.device)
             targets = every_text[idx]
         scale, bias = self.family.logit_scale(self.model), self.family.logit_bias(self.model)
+        if calibration is not None:  # a per-text shift of logits_per_image [images, texts]; see `calibration`
+            bias = calibration if bias is None else bias + calibration
         if len(idx) <= micro and len(text_ids) <= micro:
             images = self._image_embeddings(idx, grad=self.trains_images)
             texts = self._text_embeddings(text_inputs, text_ids, grad=True)
@@ -313,18 +330,22 @@ class LocalTrainer:
         *,
         micro: int | None = None,
         class_prompts: tuple[str, ...] = (),
+        logit_calibration: float = 0.0,
     ):
         """(loss, {parameter name: gradient}) of one batch, without changing the adapter (tests, diagnostics)."""
         import torch
 
-        settings = TrainSettings(prompt_template=template, class_prompts=tuple(class_prompts))
+        settings = TrainSettings(
+            prompt_template=template, class_prompts=tuple(class_prompts), logit_calibration=logit_calibration
+        )
         texts, text_index, every_text = self.round_texts(settings)
+        calibration = self.calibration(text_index, len(texts), settings.logit_calibration) if every_text else None
         text_inputs = self.family.tokenize(self.clip.tokenizer, texts, self.device)
         idx = torch.as_tensor(np.asarray(indices), device=self.device)
         self.model.zero_grad(set_to_none=True)
         self.model.train()
         loss = self._accumulate_gradients(
-            idx, text_inputs, micro or len(idx), every_text=text_index if every_text else None
+            idx, text_inputs, micro or len(idx), every_text=text_index if every_text else None, calibration=calibration
         )
         grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
         self.model.zero_grad(set_to_none=True)
@@ -396,6 +417,7 @@ class LocalTrainer:
         device = self.device
         texts, text_index, every_text = self.round_texts(settings)
         text_inputs = self.family.tokenize(self.clip.tokenizer, texts, device)
+        calibration = self.calibration(text_index, len(texts), settings.logit_calibration) if every_text else None
         every_text = text_index if every_text else None
         for name, param in self.model.named_parameters():
             if "lora_" in name:
@@ -438,7 +460,7 @@ class LocalTrainer:
                 idx = order[start : start + batch_size]
                 step_started = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                loss = self._accumulate_gradients(idx, text_inputs, micro, scaler, every_text)
+                loss = self._accumulate_gradients(idx, text_inputs, micro, scaler, every_text, calibration)
                 for hook in loss_hooks:
                     term = hook.loss_term(trainable, start_values)
                     if term is not None:

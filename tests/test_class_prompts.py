@@ -24,10 +24,10 @@ from tests.integration.helpers import TEMPLATE, client_configs, coordinator_conf
 PROMPTS = tuple(TEMPLATE.format(label=d) for d in "0123456789")
 
 
-def hand_loss(images: np.ndarray, texts: np.ndarray, targets: list[int], scale: float) -> float:
+def hand_loss(images: np.ndarray, texts: np.ndarray, targets: list[int], scale: float, shift=0.0) -> float:
     """CLIP's loss written out: image->text cross-entropy over every text; text->image over the texts present,
-    each with a uniform target over the images that carry it; the mean of the two."""
-    logits = scale * images @ texts.T
+    each with a uniform target over the images that carry it; the mean of the two. `shift`: added per text."""
+    logits = scale * images @ texts.T + shift
     image_terms = [math.log(np.exp(row).sum()) - row[t] for row, t in zip(logits, targets)]
     text_terms = []
     for text in sorted(set(targets)):
@@ -60,6 +60,14 @@ def test_the_loss_contrasts_a_one_class_batch_with_every_class_prompt(tiny_model
     assert in_batch == pytest.approx(hand_loss(images, own, [0] * 8, scale), rel=1e-5)
     assert loss > in_batch + 0.1 and grads  # the other nine classes now push the sevens away from them
 
+    # FedLC's calibration: each class's logit lowered by tau * n^(-1/4), n its local count (at least 1).
+    calibrated, _ = trainer.batch_gradients(batch, TEMPLATE, class_prompts=PROMPTS, logit_calibration=2.0)
+    counts = np.ones(10)
+    counts[7] = 12  # all twelve local examples are sevens
+    shift = -2.0 * counts**-0.25
+    assert calibrated == pytest.approx(hand_loss(images, texts, [7] * 8, scale, shift), rel=1e-5)
+    assert calibrated < loss  # the absent classes weigh less in the softmax
+
 
 def test_a_local_class_the_run_does_not_name_keeps_its_target(tiny_model_dir, digits):
     data = digits.subset(range(20))
@@ -72,6 +80,10 @@ def test_a_local_class_the_run_does_not_name_keeps_its_target(tiny_model_dir, di
 def test_class_prompts_are_read_from_the_instruction_and_bounded():
     assert TrainSettings.from_instruction({"class_prompts": list(PROMPTS)}).class_prompts == PROMPTS
     assert TrainSettings.from_instruction({}).class_prompts == ()  # a 1.1 coordinator: the in-batch loss
+    assert TrainSettings.from_instruction({"logit_calibration": 1}).logit_calibration == 1.0
+    for bad in (-1, 101, "1", float("nan")):
+        with pytest.raises(ValueError, match="logit_calibration"):
+            TrainSettings.from_instruction({"logit_calibration": bad})
     for bad in (
         "a photo",
         [],
@@ -106,6 +118,10 @@ def test_the_field_is_a_minor_version_addition():
 def test_the_coordinator_sends_class_prompts_unless_told_in_batch():
     assert objective_settings("class-prompts", ["cat", "dog"], "a {label}.") == {"class_prompts": ["a cat.", "a dog."]}
     assert objective_settings("in-batch", ["cat", "dog"], "a {label}.") == {}
+    assert objective_settings("class-prompts", ["cat"], "a {label}.", 0.5) == {
+        "class_prompts": ["a cat."],
+        "logit_calibration": 0.5,
+    }
     assert objective_settings("class-prompts", None, "a {label}.") == {}  # no class names known: in-batch
     with pytest.raises(ConfigError, match="shorten"):
         objective_settings("class-prompts", ["x" * 400], "{label}")

@@ -37,10 +37,11 @@ def test_federated_accuracy_is_within_the_stated_margin_of_centralized(
     config = coordinator_config(
         tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=CLIENTS, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS,
         strategy=STRATEGY, strategy_params=STRATEGY_PARAMS, objective=OBJECTIVE,
+        wait_for_clients_s=600.0, round_deadline_s=600.0,  # a busy machine: ten agents load and train slowly
     )  # fmt: skip
     coordinator = build_coordinator(config)
     coordinator.start()
-    _agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs))
+    _agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs), max_seconds=1800)
     try:
         federated = coordinator.run()["final_accuracy"]
     finally:

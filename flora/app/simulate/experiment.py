@@ -19,7 +19,7 @@ from flora.errors import ConfigError
 from flora.modeling.recipes import get_recipe
 
 ENV_PREFIX = "FLORA_SIMULATE_"
-OBJECTIVES = ("class-prompts", "in-batch")
+OBJECTIVES = ("class-prompts", "in-batch", "class-prompts-lc")  # -lc: with FedLC's logit calibration
 _SPLIT = re.compile(
     r"^(centralized|iid|dirichlet-(?P<beta>\d+(\.\d+)?)|pathological-(?P<k>\d+)|few-shot-(?P<shots>\d+))$"
 )
@@ -62,7 +62,11 @@ class ExperimentConfig:
     strategy_params: dict = field(
         factory=dict, help='per strategy (or variant), its parameters: {fedprox = {mu = 0.01}, "fedavgm@0.9" = {...}}'
     )
-    objectives: list[str] = field(factory=lambda: ["class-prompts"], help="class-prompts, in-batch")
+    objectives: list[str] = field(
+        factory=lambda: ["class-prompts"],
+        help="class-prompts, in-batch, class-prompts-lc (class prompts with FedLC's logit calibration)",
+    )
+    logit_calibration: float = field(1.0, help="FedLC's tau for the class-prompts-lc objective")
     seeds: list[int] = field(factory=lambda: [0], help="seeds: data split, selection, initial adapter")
 
     def __post_init__(self):
