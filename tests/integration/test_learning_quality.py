@@ -41,7 +41,8 @@ def test_federated_accuracy_is_within_the_stated_margin_of_centralized(
     )  # fmt: skip
     coordinator = build_coordinator(config)
     coordinator.start()
-    _agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs), max_seconds=1800)
+    configs = client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs)
+    _agents, threads = start_agents(configs, max_seconds=1800)
     try:
         federated = coordinator.run()["final_accuracy"]
     finally:

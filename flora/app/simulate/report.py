@@ -87,7 +87,11 @@ def plot_rounds(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("validation accuracy %")
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    legend: dict[str, object] = {}  # every panel's lines (the centralized panel has fewer), each label once
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    handles, labels = list(legend.values()), list(legend)
     fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=7, frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(labels) - 1) // 3), 1, 1))
     buffer = io.BytesIO()
