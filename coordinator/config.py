@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from coordinator.objective import check_objective
 from flora.algorithms import make_strategy, strategy_class, strategy_names
 from flora.config import field, load_config
 from flora.errors import ConfigError
@@ -58,6 +59,20 @@ class CoordinatorConfig(NodeSettings):
     weight_decay: float = field(0.2, help="clients' weight decay (paper: 0.2)")
     batch_size: int = field(128, help="clients' batch size (paper: 128); clients may lower it")
     prompt_template: str = field(DEFAULT_TEMPLATE, help="class prompt; {label} is the class name")
+    objective: str = field(
+        "in-batch",
+        help="clients' local loss: in-batch (CLIP's loss over the batch's own texts, the paper's; caption data always "
+        "uses it) or class-prompts (each image against every class prompt of the run, sent in the instruction). "
+        "in-batch stays the default: EXPERIMENTS.md measures class-prompts no better under label skew",
+    )
+    logit_calibration: float = field(
+        0.0,
+        help="with objective = class-prompts: FedLC's tau, each class's logit lowered by tau * n^(-1/4) during "
+        "local training (n its local count), against label skew; 0 = off",
+    )
+    class_names: list[str] = field(
+        factory=list, help="the run's class names for the class-prompts objective (default: eval_data_dir's classes)"
+    )
     max_update_norm: float | None = field(None, help="reject updates whose change has a larger L2 norm")
     max_weight_factor: float | None = field(
         10.0,
@@ -114,6 +129,9 @@ class CoordinatorConfig(NodeSettings):
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        check_objective(self.objective, self.class_names)
+        if not 0 <= self.logit_calibration <= 100:
+            raise ConfigError(f"logit_calibration must be in [0, 100], got {self.logit_calibration}")
         if self.output_dir is None:
             self.output_dir = self.checkpoint_dir
         if self.require_signatures is None:

@@ -43,6 +43,7 @@ from coordinator.events import (
 )
 from coordinator.intake import EarlyUpdates, check_early_update, max_update_bytes
 from coordinator.live_view import RoundView
+from coordinator.objective import objective_settings
 from coordinator.outputs import MetricsPlot, ReportWriter
 from coordinator.presence import PresenceCheck
 from coordinator.registry import MAX_STATUS_BYTES, Registry, Requirements, checked_selection
@@ -374,6 +375,12 @@ class Coordinator:
                 "weight_decay": self.config.weight_decay,
                 "batch_size": self.config.batch_size,
                 "prompt_template": self.config.prompt_template,
+                **objective_settings(
+                    self.config.objective,
+                    self.config.class_names or self.training.class_names,
+                    self.config.prompt_template,
+                    self.config.logit_calibration,
+                ),
             },
         )
         self.strategy.begin(round_, self.global_tensors)

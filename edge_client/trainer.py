@@ -2,7 +2,10 @@
 
 Read it top to bottom: load the global adapter, run `local_epochs` of the model family's loss (CLIP: contrastive)
 between each image and its text (its class prompt, or its caption), return the new adapter tensors
-and scalar metrics. The optimizer is rebuilt every round (FedAvg's convention: client state does not
+and scalar metrics. When the instruction names the run's class prompts (protocol 1.2, `class_prompts`), every
+image of class data is contrasted with all of them, not only with the prompts present in its batch: a client
+holding one class (label skew) would otherwise see no negative at all. Caption data keeps the in-batch loss.
+The optimizer is rebuilt every round (FedAvg's convention: client state does not
 leak across rounds).
 
 What makes it fit a small device, all decided once, when the trainer is built:
@@ -61,6 +64,8 @@ class TrainSettings:
     batch_size: int = 128
     prompt_template: str = scoring.DEFAULT_TEMPLATE
     client_hooks: tuple[ClientHook, ...] = ()  # the strategy's client halves (FedProx, FFA-LoRA, ...), in order
+    class_prompts: tuple[str, ...] = ()  # the run's class prompts (1.2): class data contrasts with all of them
+    logit_calibration: float = 0.0  # FedLC's tau (1.2): with class prompts, logits minus tau * n_class^(-1/4)
 
     @classmethod
     def from_instruction(cls, data: dict[str, Any]) -> TrainSettings:
@@ -70,6 +75,7 @@ class TrainSettings:
         except ProtocolError as exc:
             raise ValueError(exc.detail) from None
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "client_hooks"}
+        known["class_prompts"] = tuple(data.get("class_prompts") or ())
         specs = data.get("client_hooks")
         if specs is None:
             # Coordinators of protocol 1.0 before `client_hooks` sent FedProx and FFA-LoRA as these two
@@ -110,7 +116,10 @@ class LocalTrainer:
         memory_budget_mb: float | None = None,
         gradient_checkpointing: str = "auto",
         autocast: str = "auto",
+        shared_model: Any | None = None,
     ):
+        """`shared_model`: a PeftModel of `clip` that already carries `recipe`'s adapter, for virtual clients of a
+        simulation that share one frozen base and train one after another (each round loads its adapter)."""
         import torch
 
         if len(data) == 0:
@@ -124,9 +133,12 @@ class LocalTrainer:
         self.device = clip.device
         self.autocast_dtype = resolve_autocast(autocast, self.device)
         self.meter = PeakMemoryMeter(self.device)
-        prepare_quantized_for_training(clip.model)
         self.family = clip.family  # what differs between CLIP, SigLIP, ...: embeddings, loss, image path
-        self.model = attach_lora(clip.model, recipe, seed=seed)
+        if shared_model is None:
+            prepare_quantized_for_training(clip.model)
+            self.model = attach_lora(clip.model, recipe, seed=seed)
+        else:
+            self.model = shared_model
         # Authoritative, whatever the recipe's regex says: does anything on the image path train?
         self.trains_images = any(
             p.requires_grad and self.family.on_image_path(name) for name, p in self.model.named_parameters()
@@ -216,9 +228,46 @@ class LocalTrainer:
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.device)
 
-    def _accumulate_gradients(self, idx, text_inputs: dict[str, Any], micro: int, scaler=None):
+    def round_texts(self, settings: TrainSettings):
+        """(texts, text index per example, every_text) for one round.
+
+        In-batch (no class prompts, or caption data): this client's own texts, and each batch contrasts with
+        the distinct texts it holds. With the run's class prompts: those prompts (plus any local class the
+        run does not name, so no example loses its target), and every batch contrasts with all of them.
+        """
+        import torch
+
+        local = self.data.texts(settings.prompt_template)
+        if not settings.class_prompts or self.data.text_kind == "caption":
+            return local, self.text_index, False
+        texts = list(settings.class_prompts)
+        position = {text: i for i, text in enumerate(texts)}
+        for text in local:
+            position.setdefault(text, len(texts))
+            if position[text] == len(texts):
+                texts.append(text)
+        mapping = torch.as_tensor([position[text] for text in local], device=self.device)
+        return texts, mapping[self.text_index], True
+
+    def calibration(self, text_index, texts: int, tau: float):
+        """FedLC's logit calibration (Zhang et al., ICML 2022) for label skew: during local training each class's
+        logit is lowered by tau * n^(-1/4), n its local count (at least 1, so a class this client lacks gets the
+        largest shift). The softmax then stops pushing the classes the client rarely sees as hard away from its
+        images as their counts alone would, which is what pulls the skewed clients' updates apart. None when off."""
+        import torch
+
+        if tau <= 0:
+            return None
+        counts = torch.bincount(text_index, minlength=texts).float().clamp(min=1)
+        return -tau * counts.pow(-0.25)
+
+    def _accumulate_gradients(
+        self, idx, text_inputs: dict[str, Any], micro: int, scaler=None, every_text=None, calibration=None
+    ):
         """Add d(loss)/d(params) of the family's loss over examples `idx` to `.grad`; return the loss.
 
+        `every_text` (a text index per example, from `round_texts`) contrasts each image with every text of
+        `text_inputs`; without it, only with the distinct texts of this batch.
         One pass when the batch fits in `micro`, else the gradient-cache method (see the module docstring).
         """
         import torch
@@ -228,8 +277,14 @@ class LocalTrainer:
                 tensor = scaler.scale(tensor)  # grads handed back below come from the scaled loss already
             tensor.backward(grad)
 
-        text_ids, targets = torch.unique(self.text_index[idx], return_inverse=True)
+        if every_text is None:
+            text_ids, targets = torch.unique(self.text_index[idx], return_inverse=True)
+        else:
+            text_ids = torch.arange(next(iter(text_inputs.values())).shape[0], device=idx.device)
+            targets = every_text[idx]
         scale, bias = self.family.logit_scale(self.model), self.family.logit_bias(self.model)
+        if calibration is not None:  # a per-text shift of logits_per_image [images, texts]; see `calibration`
+            bias = calibration if bias is None else bias + calibration
         if len(idx) <= micro and len(text_ids) <= micro:
             images = self._image_embeddings(idx, grad=self.trains_images)
             texts = self._text_embeddings(text_inputs, text_ids, grad=True)
@@ -268,15 +323,30 @@ class LocalTrainer:
     def _trainable(self) -> list[Any]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def batch_gradients(self, indices, template: str = scoring.DEFAULT_TEMPLATE, *, micro: int | None = None):
+    def batch_gradients(
+        self,
+        indices,
+        template: str = scoring.DEFAULT_TEMPLATE,
+        *,
+        micro: int | None = None,
+        class_prompts: tuple[str, ...] = (),
+        logit_calibration: float = 0.0,
+    ):
         """(loss, {parameter name: gradient}) of one batch, without changing the adapter (tests, diagnostics)."""
         import torch
 
-        text_inputs = self.family.tokenize(self.clip.tokenizer, self.data.texts(template), self.device)
+        settings = TrainSettings(
+            prompt_template=template, class_prompts=tuple(class_prompts), logit_calibration=logit_calibration
+        )
+        texts, text_index, every_text = self.round_texts(settings)
+        calibration = self.calibration(text_index, len(texts), settings.logit_calibration) if every_text else None
+        text_inputs = self.family.tokenize(self.clip.tokenizer, texts, self.device)
         idx = torch.as_tensor(np.asarray(indices), device=self.device)
         self.model.zero_grad(set_to_none=True)
         self.model.train()
-        loss = self._accumulate_gradients(idx, text_inputs, micro or len(idx))
+        loss = self._accumulate_gradients(
+            idx, text_inputs, micro or len(idx), every_text=text_index if every_text else None, calibration=calibration
+        )
         grads = {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
         self.model.zero_grad(set_to_none=True)
         return float(loss), grads
@@ -345,7 +415,10 @@ class LocalTrainer:
         received = {k: torch.as_tensor(v) for k, v in global_adapter.items()}
         set_adapter_state(self.model, received)
         device = self.device
-        text_inputs = self.family.tokenize(self.clip.tokenizer, self.data.texts(settings.prompt_template), device)
+        texts, text_index, every_text = self.round_texts(settings)
+        text_inputs = self.family.tokenize(self.clip.tokenizer, texts, device)
+        calibration = self.calibration(text_index, len(texts), settings.logit_calibration) if every_text else None
+        every_text = text_index if every_text else None
         for name, param in self.model.named_parameters():
             if "lora_" in name:
                 param.requires_grad = all(hook.trains(name) for hook in hooks)
@@ -387,7 +460,7 @@ class LocalTrainer:
                 idx = order[start : start + batch_size]
                 step_started = time.perf_counter()
                 optimizer.zero_grad(set_to_none=True)
-                loss = self._accumulate_gradients(idx, text_inputs, micro, scaler)
+                loss = self._accumulate_gradients(idx, text_inputs, micro, scaler, every_text, calibration)
                 for hook in loss_hooks:
                     term = hook.loss_term(trainable, start_values)
                     if term is not None:
@@ -426,6 +499,7 @@ class LocalTrainer:
             "peak_memory_kind": self.meter.kind,
             "image_embeddings_cached": int(self.image_embeds is not None),
             "skipped_images": self.data.skipped,
+            "texts_contrasted": len(texts),  # all of the run's class prompts, or this client's own texts
         }
         if first_round and self.image_embeds is not None:
             metrics["cache_seconds"] = self.cache_seconds  # one-off: building (or loading) the image embeddings

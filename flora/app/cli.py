@@ -71,6 +71,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if gain > 0 else 1
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from flora.app.simulate import load_experiment, run_grid
+
+    experiment = load_experiment(args.config, out=args.out)
+    logging.getLogger().setLevel(logging.WARNING)  # the progress view, not every round's log lines
+    rows = run_grid(experiment, processes=args.processes or args.broker is not None, broker=args.broker)
+    print(f"{len(rows)} cells finished; results in {experiment.out}/ (table.md, results.csv, plots/)")
+    return 0
+
+
 def cmd_coordinator(args: argparse.Namespace) -> int:
     from coordinator.config import CoordinatorConfig, load_coordinator_config
     from flora.config import describe
@@ -287,6 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--node-id", default=None, help="override node_id")
         p.set_defaults(func=func)
 
+    p = sub.add_parser("simulate", help="run a grid of federated experiments on this machine (resumable)")
+    p.add_argument("--config", required=True, help="experiment TOML (see experiments/*.toml)")
+    p.add_argument("--out", default=None, help="override the experiment's output directory")
+    p.add_argument(
+        "--processes",
+        action="store_true",
+        help="run each cell's clients as separate `flora client` processes over the embedded broker (or --broker)",
+    )
+    p.add_argument(
+        "--broker", default=None, help="with --processes: this broker (mqtt://HOST:PORT), not an embedded one"
+    )
+    p.set_defaults(func=cmd_simulate)
+
     p = sub.add_parser("export", help="merge an adapter into its base and export validated ONNX")
     p.add_argument("--base", required=True, help="base CLIP checkpoint: hub id or directory")
     p.add_argument("--adapter", required=True, help="PEFT adapter directory (e.g. runs/demo/global_adapter)")
@@ -451,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 # The extra (pyproject.toml) that installs what each command needs beyond the core.
 EXTRA_FOR_COMMAND = {
     "demo": "demo",
+    "simulate": "demo",
     "coordinator": "coordinator",
     "client": "edge",
     "export": "export",

@@ -119,6 +119,26 @@ def template(value: Any) -> str:
     return value
 
 
+MAX_CLASS_PROMPTS = 2000  # ImageNet-21k-sized label sets are beyond a device's text tower anyway
+MAX_PROMPT_CHARS = 300  # CLIP's text tower reads 77 tokens; a longer prompt is truncated anyway
+
+
+def class_prompts(value: Any) -> list[str]:
+    """The run's class prompts (1.2): distinct non-empty strings, bounded in count and length.
+
+    Bounded because every prompt is tokenized and embedded at every local step: an unbounded list from the
+    network would cost a device unbounded memory and time.
+    """
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_CLASS_PROMPTS:
+        raise Rule(f"must be a list of 1 to {MAX_CLASS_PROMPTS} prompts, got {_describe(value)}")
+    for item in value:
+        if not isinstance(item, str) or not 0 < len(item) <= MAX_PROMPT_CHARS:
+            raise Rule(f"must hold strings of 1 to {MAX_PROMPT_CHARS} characters, got {_describe(item)}")
+    if len(set(value)) != len(value):
+        raise Rule("must not repeat a prompt (each is one class)")
+    return list(value)
+
+
 def passed_on(value: Any) -> Any:
     """Checked by whoever reads it (client hooks: flora.algorithms.client_hooks_from_instruction)."""
     return value
@@ -244,6 +264,8 @@ TRAIN_SETTINGS = {  # train.train: AdamW hyper-parameters; the client refuses an
     "batch_size": Field(integer(1, 1_000_000)),
     "prompt_template": Field(template),
     "client_hooks": Field(passed_on),
+    "class_prompts": Field(class_prompts),  # 1.2: the run's classes; the local loss contrasts against all of them
+    "logit_calibration": Field(number(0, 100)),  # 1.2: FedLC's tau, with class_prompts
     "proximal_mu": Field(passed_on),  # protocol 1.0's spelling of the fedprox hook (§5.2)
     "freeze_lora_a": Field(passed_on),
 }

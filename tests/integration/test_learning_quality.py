@@ -2,8 +2,10 @@
 
 Same data, same total epochs (16), same optimizer settings; only the federation differs. Measured
 here (seeded): centralized 84.7%, FedAvg 16 rounds x 1 local epoch 61.6% (gap 23.1 points); with
-2 local epochs x 8 rounds FedAvg drifts further (51.5%), and FedAvgM (momentum 0.5) reaches 66.0%.
-At beta=0.1 most clients hold one or two digits, so the stated margin is 25 points.
+2 local epochs x 8 rounds FedAvg drifts further (51.5%), and FedAvgM (momentum 0.5) reaches 66.0% (gap 18.7).
+The grid of EXPERIMENTS.md (issue 14) finds FedAvgM 0.5 with CLIP's in-batch loss the best configuration from a
+random start (69.1% against 87.7%, gap 18.6, on its validation-carved split); the class-prompt objective and larger
+server steps do worse here. So the test runs that configuration and states its margin: 21 points.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from tests.integration.helpers import TEMPLATE, client_configs, coordinator_conf
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]  # 16 rounds x 10 clients: slow on a busy machine
 
 CLIENTS, ROUNDS, LOCAL_EPOCHS = 10, 16, 1
-MARGIN = 0.25  # stated: FedAvg may trail centralized by at most 25 points under Dirichlet(0.1)
+STRATEGY, STRATEGY_PARAMS, OBJECTIVE = "fedavgm", {"momentum": 0.5}, "in-batch"
+MARGIN = 0.21  # stated: FedAvgM (0.5) may trail centralized by at most 21 points under Dirichlet(0.1)
 
 
 def test_federated_accuracy_is_within_the_stated_margin_of_centralized(
@@ -34,11 +37,14 @@ def test_federated_accuracy_is_within_the_stated_margin_of_centralized(
     data_dirs = [write_image_folder(digits.subset(train_idx[p]), tmp_path / f"data-{i}") for i, p in enumerate(parts)]
 
     config = coordinator_config(
-        tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=CLIENTS, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS
-    )
+        tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=CLIENTS, rounds=ROUNDS, local_epochs=LOCAL_EPOCHS,
+        strategy=STRATEGY, strategy_params=STRATEGY_PARAMS, objective=OBJECTIVE,
+        wait_for_clients_s=600.0, round_deadline_s=600.0,  # a busy machine: ten agents load and train slowly
+    )  # fmt: skip
     coordinator = build_coordinator(config)
     coordinator.start()
-    _agents, threads = start_agents(client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs))
+    configs = client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs)
+    _agents, threads = start_agents(configs, max_seconds=1800)
     try:
         federated = coordinator.run()["final_accuracy"]
     finally:

@@ -1,0 +1,51 @@
+"""The clients' local objective, as the instruction states it (docs/PROTOCOL.md §5.2, `train.class_prompts`).
+
+`class-prompts`: the instruction names every class prompt of the run, so each client contrasts its
+images with all classes, also those it holds no example of. Under label skew most clients hold one or two
+classes; CLIP's in-batch loss then sees almost no negatives and the clients' updates pull apart. The class names
+are not private: the coordinator's evaluation data names them (or the config lists them).
+`in-batch` (the default): CLIP's contrastive loss over the texts of each batch only, the paper's, needed for caption
+data. It stays the default because the grid (EXPERIMENTS.md) did not measure class-prompts better under label skew.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from flora.errors import ConfigError
+from flora.modeling.scoring import class_prompts
+from flora.protocol.schema import MAX_CLASS_PROMPTS, MAX_PROMPT_CHARS
+
+OBJECTIVES = ("class-prompts", "in-batch")
+
+
+def check_objective(objective: str, class_names: Sequence[str]) -> None:
+    """Raise ConfigError naming the fix for an objective or class list the clients would refuse."""
+    if objective not in OBJECTIVES:
+        raise ConfigError(f"objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+    if len(class_names) > MAX_CLASS_PROMPTS:
+        raise ConfigError(f"class_names lists {len(class_names)} classes; clients accept at most {MAX_CLASS_PROMPTS}")
+    if len(set(class_names)) != len(class_names):
+        raise ConfigError("class_names repeats a name; list each class once")
+
+
+def objective_settings(
+    objective: str, class_names: Sequence[str] | None, template: str, logit_calibration: float = 0.0
+) -> dict[str, Any]:
+    """The instruction's `train` keys for `objective`: {"class_prompts": [...], "logit_calibration": tau} or nothing.
+
+    Without class names (no evaluation data, none configured) there is nothing to send and clients fall back to
+    the in-batch loss. Prompts a client would refuse (too long) are a configuration error, said before round 1.
+    """
+    if objective != "class-prompts" or not class_names:
+        return {}
+    prompts = class_prompts(list(class_names), template)
+    too_long = [p for p in prompts if len(p) > MAX_PROMPT_CHARS]
+    if too_long:
+        raise ConfigError(
+            f"class prompt {too_long[0][:60]!r}... is over {MAX_PROMPT_CHARS} characters; shorten the class name "
+            "or prompt_template"
+        )
+    calibration = {"logit_calibration": logit_calibration} if logit_calibration > 0 else {}
+    return {"class_prompts": prompts, **calibration}

@@ -1,0 +1,34 @@
+"""`flora simulate --processes`: a cell's clients as `flora client` processes over a real Mosquitto."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flora.app.cli import main
+from flora.data.datasets import write_image_folder
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def test_a_cell_runs_with_each_client_in_its_own_process(tmp_path, mosquitto, digits):
+    dataset = write_image_folder(digits.subset(range(200)), tmp_path / "digits-200")
+    out = tmp_path / "grid"
+    config = tmp_path / "experiment.toml"
+    config.write_text(
+        f'name = "processes"\nout = "{out}"\ndataset = "{dataset}"\nclients = 2\nrounds = 1\nbatch_size = 16\n'
+        'recipes = ["paper"]\nsplits = ["iid"]\nstrategies = ["fedavg"]\nobjectives = ["class-prompts"]\nseeds = [0]\n'
+    )
+    assert main(["simulate", "--config", str(config), "--processes", "--broker", mosquitto.url]) == 0
+    (cell,) = (out / "cells").glob("*.json")
+    row = json.loads(cell.read_text())
+    assert row["clients"] == 2 and len(row["validation_accuracy_per_round"]) == 1
+    assert row["trainable_parameters"] == 512 and row["bytes_per_round"] > 2 * 2048
+
+    # The same cell with the clients in this process, sharing one base: the same training, so the same model.
+    assert main(["simulate", "--config", str(config), "--out", str(tmp_path / "in-process")]) == 0
+    (twin,) = (tmp_path / "in-process" / "cells").glob("*.json")
+    in_process = json.loads(twin.read_text())
+    assert in_process["test_accuracy"] == pytest.approx(row["test_accuracy"], abs=0.02)
+    assert in_process["validation_accuracy_per_round"] == pytest.approx(row["validation_accuracy_per_round"], abs=0.02)
