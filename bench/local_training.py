@@ -18,9 +18,19 @@ Variants, each in its own fresh Python process, one after the other (so each pea
 - paper_peft_plain: the paper's recipe (LoRA r=2, alpha=32 on the text tower's out_proj) through plain PEFT,
   the same standard step: the frozen vision tower runs every step, one prompt per image.
 - paper_distinct_prompts: the toolkit's trainer without the image cache: each distinct prompt once per step.
-- paper_cached: the toolkit's trainer (`edge_client.trainer.LocalTrainer`): image embeddings of the frozen
-  vision tower computed once (its one-off cost reported apart), each distinct prompt once per step.
-- paper_cached_4bit: the same on an NF4 (bitsandbytes) base, prepared with peft's kbit preparation.
+- paper_cached_resident: the toolkit's trainer (`edge_client.trainer.LocalTrainer`): image embeddings of the
+  frozen vision tower computed once (its one-off cost reported apart), each distinct prompt once per step; the
+  tower stays in memory (`release_vision_tower=False`, as before issue 15).
+- paper_cached: the same, the tower released once the cache is complete (the default since issue 15).
+- paper_cached_int8: the same with the cache built by an int8 (dynamically quantized) vision tower.
+- paper_cached_4bit: paper_cached on an NF4 (bitsandbytes) base, prepared with peft's kbit preparation.
+- vitl14_paper_cached_4bit: paper_cached_4bit on CLIP ViT-L/14 dimensions (vision 1024 wide, 24 layers, 16
+  heads, patch 14; text 768 wide, 12 layers; projection 768: 427.6M parameters), random weights written with
+  save_pretrained (`--large-dtype`), `--large-examples` images, under `--large-budget-mb` (the trainer measures
+  steps to choose the micro-batch and checkpointing that fit).
+
+`--device cuda` runs every variant on the GPU; memory is then torch.cuda.max_memory_allocated (`peak_train_mb`),
+and `paper_step_speedup` (34.72, the FLoRA paper's, on a GPU) stands beside each step ratio.
 
 Per variant: `step_s`, the median time of one optimizer step (after a warm-up step for the first two, which
 have no round structure; the trainer's own per-step timing for the others, from rounds 2..N); `round_s`, one
