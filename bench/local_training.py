@@ -42,8 +42,9 @@ machine's load, so CPU times are reported too (`step_cpu_s`, `later_round_cpu_s`
 load does not inflate much), and `step_min_s`, the fastest step. Memory: `peak_train_rss_mb` is the
 process's peak resident set during training (Linux VmHWM, reset after setup: it counts the model, the runtime
 and everything training holds), `process_peak_rss_mb` the whole process's peak including loading the model
-and building the cache, and `runtime_rss_mb` what Python + torch + transformers take before any model exists.
-On CPU, resident memory is what limits a device; on a GPU the same script would want max_memory_allocated.
+and building the cache (VmHWM before each reset, and VmRSS sampled every 20 ms), and `runtime_rss_mb` what
+Python + torch + transformers take before any model exists. On CPU, resident memory is what limits a device;
+with `--device cuda`, `peak_train_mb` is torch.cuda.max_memory_allocated.
 
 Prints one JSON object on stdout; progress goes to stderr.
 """
@@ -53,7 +54,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,11 +92,13 @@ def status_mb(key: str) -> float:
 
 
 DEVICE = "cpu"  # the worker's (--device); on CUDA, memory is torch.cuda.max_memory_allocated
+PEAKS_BEFORE_RESET: list[float] = []  # VmHWM read just before each reset of ours: parts of the process peak
 
 
 def reset_peak() -> None:
     from edge_client.memory_budget import PeakMemoryMeter
 
+    PEAKS_BEFORE_RESET.append(status_mb("VmHWM"))
     PeakMemoryMeter("cpu").reset()  # gc, malloc_trim, then VmHWM := VmRSS
     if DEVICE.startswith("cuda"):
         import torch
@@ -252,7 +254,7 @@ def trainer_variant(
     started = time.perf_counter()
     clip = load_clip(model_dir, quantization="4bit" if name.endswith("4bit") else "none", device=DEVICE)
     load_s = time.perf_counter() - started
-    load_peak_mb = status_mb("VmHWM")
+    load_peak_mb = status_mb("VmHWM")  # the process's own: no reset has happened yet
     # What every restart pays to check the on-disk cache: fingerprint the vision tower and the images (timed
     # here, while the tower is resident; the trainer releases it once the cache is complete).
     from edge_client.cache import image_key, model_fingerprint
@@ -332,8 +334,9 @@ def trainer_variant(
 
 class RssSampler:
     """The process's largest VmRSS, sampled every 20 ms by a thread: a whole-process peak that survives the
-    VmHWM resets the measurements above make (clear_refs resets the kernel's high-water mark, and with it
-    getrusage's ru_maxrss of a live process)."""
+    VmHWM resets the measurements make (clear_refs resets the kernel's high-water mark). Not getrusage's
+    ru_maxrss: Linux carries it across fork and exec, so a worker would report the driver's peak (writing the
+    ViT-L/14 checkpoint: 2.1 GB) as its own."""
 
     def __init__(self, every_s: float = 0.02):
         import threading
@@ -372,7 +375,9 @@ def worker(args) -> None:
     result.update(
         variant=args.worker,
         runtime_rss_mb=runtime_rss,
-        process_peak_rss_mb=max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, sampler.stop()),
+        process_peak_rss_mb=max(
+            sampler.stop(), status_mb("VmHWM"), result.get("load_peak_rss_mb", 0.0), *PEAKS_BEFORE_RESET
+        ),
         torch_threads=torch.get_num_threads(),
         device=DEVICE,
         peak_kind="cuda_max_memory_allocated" if DEVICE.startswith("cuda") else "process_vmhwm",
