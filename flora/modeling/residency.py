@@ -52,17 +52,72 @@ def _tensor_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
+MADV_DONTNEED = 4
+_PAGE = 4096
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's memory maps of .safetensors files (Linux; [] elsewhere)."""
+    try:
+        with open("/proc/self/maps") as handle:
+            lines = handle.readlines()
+    except OSError:
+        return []
+    spans = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 6 and fields[-1].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def drop_mapped_pages(module: Any) -> int:
+    """Tell the kernel the pages of `module`'s tensors that view a memory-mapped checkpoint are not needed.
+
+    transformers leaves unquantized weights as views of the checkpoint's map, and the map lives as long as
+    any view does: dropping the vision tower's tensors alone would leave every page the cache build touched
+    resident, mapped for the text tower's sake. madvise(MADV_DONTNEED) unmaps those pages now. Only pages
+    wholly inside the module's tensors are dropped, and these weights are read-only (frozen, never written),
+    so a page shared with a live tensor would only be read back from the file. Returns the bytes advised.
+    """
+    import ctypes
+
+    spans = _file_mappings()
+    if not spans:
+        return 0
+    ranges = []
+    for tensor in [*module.parameters(), *module.buffers()]:
+        start = tensor.data_ptr()
+        end = start + tensor.numel() * tensor.element_size()
+        if any(lo <= start and end <= hi for lo, hi in spans):
+            ranges.append((start, end))
+    ranges.sort()
+    merged: list[list[int]] = []
+    for start, end in ranges:
+        if merged and start <= merged[-1][1] + _PAGE:  # neighbours in the file: one range, gaps under a page
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    libc = ctypes.CDLL(None, use_errno=True)
+    advised = 0
+    for start, end in merged:
+        first = -(-start // _PAGE) * _PAGE  # whole pages inside the range only
+        last = end // _PAGE * _PAGE
+        if last > first and libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED) == 0:
+            advised += last - first
+    return advised
+
+
 def release_image_path(loaded: Any) -> int:
     """Drop `loaded`'s image-path modules (they must be frozen); returns the bytes of tensors let go.
 
-    A no-op returning 0 when they are released already. On CPU, the tensors left (the text side) are given
-    memory of their own: transformers leaves unquantized weights as views of the memory-mapped checkpoint,
-    and while one view lives the whole map, with every vision page the cache build touched, stays resident.
+    A no-op returning 0 when they are released already. On CPU, the released tensors' pages of a
+    memory-mapped checkpoint are dropped with them (`drop_mapped_pages`); the text side stays mapped, so
+    only what training touches of it is resident (of the token embedding, the rows of the prompts' tokens).
     """
     if is_released(loaded):
         return 0
-    from flora.modeling.kbit import is_quantized, release_checkpoint_file
-
     base = _base(loaded)
     freed = 0
     for name in loaded.family.image_path_modules:
@@ -70,10 +125,10 @@ def release_image_path(loaded: Any) -> int:
         if any(p.requires_grad for p in module.parameters()):
             raise ValueError(f"{name} has trainable parameters; only a frozen image path can be released")
         freed += _tensor_bytes(module)
+        if loaded.device == "cpu":
+            drop_mapped_pages(module)
         setattr(base, name, ReleasedModule(name, lambda: restore_image_path(loaded)))
     del module
-    if loaded.device == "cpu" and not is_quantized(base):
-        release_checkpoint_file(base)
     import gc
 
     gc.collect()
