@@ -141,3 +141,18 @@ def test_duplicate_images_are_embedded_once(tiny_model_dir, data):
     trainer = make(tiny_model_dir, doubled)
     assert trainer.cache_embedded == len(data)
     assert torch.equal(trainer.image_embeds[len(data) :], trainer.image_embeds[:10])
+
+
+def test_dropping_the_mapped_pages_of_a_tower_loses_nothing(tiny_model_dir, data):
+    """madvise(DONTNEED) on the checkpoint's map: the pages go, and whatever reads them again gets the file's bytes."""
+    from flora.modeling.residency import drop_mapped_pages
+
+    clip = load_clip(tiny_model_dir)  # float32 on CPU: the weights are views of the memory-mapped checkpoint
+    pixels = pixel_values(clip.image_processor, data.images[:8])
+    prompts = scoring.tokenize(clip.tokenizer, scoring.class_prompts(data.class_names, TEMPLATE))
+    with torch.no_grad():
+        images, texts = clip.family.image_embeddings(clip.model, pixels), scoring.text_embeddings(clip.model, prompts)
+        assert drop_mapped_pages(clip.model.vision_model) > 0  # the tower's pages were in the map, and went
+        assert drop_mapped_pages(clip.model.text_model) > 0
+        assert torch.equal(clip.family.image_embeddings(clip.model, pixels), images)
+        assert torch.equal(scoring.text_embeddings(clip.model, prompts), texts)
