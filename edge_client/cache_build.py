@@ -71,7 +71,15 @@ def int8_vision_tower(model: Any, *, in_place: bool):
         base = getattr(model, "get_base_model", lambda: model)()
         original = base.vision_model
         tower = original if in_place else copy.deepcopy(original)
+        weights = [m.weight for m in tower.modules() if isinstance(m, torch.nn.Linear)] if in_place else []
         base.vision_model = quantize_dynamic(tower, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    if weights:
+        # The float weights the int8 layers replaced may be views of the mapped checkpoint, whose pages would
+        # stay resident after the release (it drops only what the module still holds): drop them now.
+        from flora.modeling.residency import drop_mapped_pages
+
+        drop_mapped_pages(weights)
+        del weights
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*quantiz.*deprecated", category=UserWarning)

@@ -73,7 +73,8 @@ def _file_mappings() -> list[tuple[int, int]]:
 
 
 def drop_mapped_pages(module: Any) -> int:
-    """Tell the kernel the pages of `module`'s tensors that view a memory-mapped checkpoint are not needed.
+    """Tell the kernel the pages of `module`'s tensors (a module, or an iterable of tensors) that view a
+    memory-mapped checkpoint are not needed.
 
     transformers leaves unquantized weights as views of the checkpoint's map, and the map lives as long as
     any view does: dropping the vision tower's tensors alone would leave every page the cache build touched
@@ -86,8 +87,9 @@ def drop_mapped_pages(module: Any) -> int:
     spans = _file_mappings()
     if not spans:
         return 0
+    tensors = [*module.parameters(), *module.buffers()] if hasattr(module, "parameters") else list(module)
     ranges = []
-    for tensor in [*module.parameters(), *module.buffers()]:
+    for tensor in tensors:
         start = tensor.data_ptr()
         end = start + tensor.numel() * tensor.element_size()
         if any(lo <= start and end <= hi for lo, hi in spans):
