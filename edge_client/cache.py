@@ -5,14 +5,16 @@ the image, the preprocessing and the vision tower's weights, not on the adapter.
 once, stored in the state directory as safetensors, and reused by every epoch and every round, and
 after a reboot.
 
-The file carries two fingerprints and is used only if both match:
+The file holds one row per distinct image, keyed by the image's content hash, and one model fingerprint:
 - model: the tensors of the family's image-path modules as loaded (CLIP: vision tower and visual
   projection; SigLIP: vision tower with its head; quantized bytes and quantization state included),
-  their config, the image processor's settings, the compute dtype and autocast;
-- data: every image's decoded pixels, in order.
-Anything else (a different checkpoint, quantization, a changed or added image) rebuilds it.
-Content hashes rather than file dates: copying a dataset or a model elsewhere keeps the cache valid,
-and an edit that keeps a file's size and date still invalidates it.
+  their config, the image processor's settings, the compute dtype, autocast and the cache's precision;
+  when it differs, every row is stale;
+- each row's key: the image's decoded pixels, size and mode (`image_key`).
+So the cache is incremental: a new or edited image costs one embedding, a removed one costs nothing, and
+the rows of the images that stayed are reused (whatever their order). Content hashes rather than file
+dates: copying a dataset or a model elsewhere keeps the cache valid, and an edit that keeps a file's size
+and date still invalidates its row.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from flora.files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = "1"
+CACHE_FORMAT = "2"  # 2: rows keyed by image content (1: one data fingerprint for all)
 FILE_NAME = "image_embeddings.safetensors"
 
 
@@ -71,40 +73,54 @@ def images_fingerprint(images: list[Any]) -> str:
     return digest.hexdigest()
 
 
+def image_key(image: Any) -> bytes:
+    """A PIL image's identity (32 bytes): its decoded pixels, size and mode."""
+    digest = hashlib.sha256(f"flora-image/{image.mode}/{image.size}|".encode())
+    digest.update(image.tobytes())
+    return digest.digest()
+
+
 class EmbeddingStore:
-    """One safetensors file in `directory` (None: nothing persists), tagged with the fingerprints."""
+    """One safetensors file in `directory` (None: nothing persists): rows keyed by image, tagged with the model."""
 
     def __init__(self, directory: str | Path | None):
         self.path = Path(directory) / FILE_NAME if directory is not None else None
 
-    def load(self, model_key: str, data_key: str) -> tuple[Any | None, str]:
-        """(embeddings, why): embeddings if the file matches both fingerprints, else None and the reason."""
+    def load(self, model_key: str) -> tuple[dict[bytes, Any], str]:
+        """({image key: embedding row}, why): the rows stored for `model_key`, else {} and the reason."""
         if self.path is None:
-            return None, "no cache directory"
+            return {}, "no cache directory"
         if not self.path.is_file():
-            return None, "no cache yet"
+            return {}, "no cache yet"
         from safetensors import SafetensorError, safe_open
 
         try:
             with safe_open(str(self.path), framework="pt") as handle:
                 meta = handle.metadata() or {}
                 if meta.get("format") != CACHE_FORMAT:
-                    return None, "cache format changed"
+                    return {}, "cache format changed"
                 if meta.get("model") != model_key:
-                    return None, "base model changed"
-                if meta.get("data") != data_key:
-                    return None, "local data changed"
-                return handle.get_tensor("image_embeddings"), "hit"
+                    return {}, "base model changed"
+                embeds, keys = handle.get_tensor("image_embeddings"), handle.get_tensor("image_keys")
         except (SafetensorError, OSError, KeyError) as exc:
             log.warning("ignoring unreadable embedding cache %s: %s", self.path, exc)
-            return None, "cache unreadable"
+            return {}, "cache unreadable"
+        if keys.ndim != 2 or keys.shape[1] != 32 or keys.shape[0] != embeds.shape[0]:
+            log.warning("ignoring inconsistent embedding cache %s", self.path)
+            return {}, "cache unreadable"
+        return {bytes(k): row for k, row in zip(keys.numpy(), embeds)}, "hit"
 
-    def save(self, embeddings: Any, model_key: str, data_key: str) -> None:
-        if self.path is None:
+    def save(self, rows: dict[bytes, Any], model_key: str) -> None:
+        """Write `rows` (image key -> embedding), replacing the file atomically."""
+        if self.path is None or not rows:
             return
+        import numpy as np
+        import torch
         from safetensors.torch import save
 
-        meta = {"format": CACHE_FORMAT, "model": model_key, "data": data_key, "examples": str(embeddings.shape[0])}
-        blob = save({"image_embeddings": embeddings.detach().cpu().contiguous()}, metadata=meta)
+        keys = torch.from_numpy(np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(len(rows), 32).copy())
+        embeds = torch.stack([row.detach().cpu().float() for row in rows.values()]).contiguous()
+        meta = {"format": CACHE_FORMAT, "model": model_key, "examples": str(len(rows))}
+        blob = save({"image_embeddings": embeds, "image_keys": keys}, metadata=meta)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.path, blob)

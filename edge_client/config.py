@@ -56,6 +56,14 @@ class ClientConfig(NodeSettings):
     cache_image_embeddings: bool = field(
         True, help="compute a frozen vision tower's image embeddings once and keep them in state_dir"
     )
+    cache_precision: str = field(
+        "auto",
+        help="image cache precision: auto (autocast dtype on CUDA, float32 on CPU), float32, autocast, "
+        "or int8 (CPU, unquantized base: ~1.6x faster build, cosine >= 0.999 to float32)",
+    )
+    release_vision_tower: bool = field(
+        True, help="once the image cache is complete, free the frozen vision tower; it reloads for new images"
+    )
     dp_clip_norm: float | None = field(None, help="local DP: clip the update's change to this L2 norm (None: off)")
     dp_noise_multiplier: float | None = field(
         None, help="local DP: Gaussian noise std = dp_noise_multiplier x dp_clip_norm (needs dp_clip_norm)"

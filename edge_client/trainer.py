@@ -11,8 +11,10 @@ leak across rounds).
 What makes it fit a small device, all decided once, when the trainer is built:
 - a quantized base (4-bit/8-bit) is prepared with peft's `prepare_model_for_kbit_training`;
 - when the recipe leaves the vision tower frozen (the paper's), each image's embedding is computed
-  once and cached (`edge_client.cache`), on disk across reboots; otherwise images are preprocessed
-  once and go through the vision tower every step;
+  once and cached (`edge_client.cache`, built by `edge_client.cache_build`), on disk across reboots
+  and per image (a new image costs one embedding); the tower is then released from memory
+  (`flora.modeling.residency`) and comes back only when an image must be embedded; otherwise images
+  are preprocessed once and go through the vision tower every step;
 - with a memory budget, the micro-batch and activation checkpointing are chosen by measuring real
   steps (`edge_client.memory_budget`); the coordinator's batch size is then reached by accumulating
   gradients. The contrastive loss couples every image of a batch with every text, so accumulation
@@ -35,16 +37,18 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.cache import EmbeddingStore, images_fingerprint, model_fingerprint
-from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches
+from edge_client.cache import EmbeddingStore, image_key, model_fingerprint
+from edge_client.cache_build import embed_images, resolve_cache_precision
+from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches, release_freed_memory
 from flora.algorithms import ClientHook, client_hooks_from_instruction
 from flora.data.datasets import LabeledImages, pixel_values
 from flora.errors import ConfigError, ProtocolError
 from flora.modeling import scoring
 from flora.modeling.adapter import attach_lora, get_adapter_state, set_adapter_state
-from flora.modeling.kbit import prepare_quantized_for_training, set_activation_checkpointing
+from flora.modeling.kbit import is_quantized, prepare_quantized_for_training, set_activation_checkpointing
 from flora.modeling.loading import LoadedClip
 from flora.modeling.recipes import LoraRecipe
+from flora.modeling.residency import is_released, release_image_path, restore_image_path
 from flora.protocol.schema import TRAIN_SETTINGS, check_fields
 
 log = logging.getLogger(__name__)
@@ -116,12 +120,12 @@ class LocalTrainer:
         memory_budget_mb: float | None = None,
         gradient_checkpointing: str = "auto",
         autocast: str = "auto",
+        cache_precision: str = "auto",
+        release_vision_tower: bool = True,
         shared_model: Any | None = None,
     ):
         """`shared_model`: a PeftModel of `clip` that already carries `recipe`'s adapter, for virtual clients of a
         simulation that share one frozen base and train one after another (each round loads its adapter)."""
-        import torch
-
         if len(data) == 0:
             raise ConfigError("no local training examples")
         self.clip = clip
@@ -143,15 +147,15 @@ class LocalTrainer:
         self.trains_images = any(
             p.requires_grad and self.family.on_image_path(name) for name, p in self.model.named_parameters()
         )
-        self.text_index = torch.as_tensor(data.labels, device=self.device)
-        self.image_embeds = None  # [N, D] fp32, when the vision tower is frozen and caching is on
-        self.pixels = None  # [N, 3, H, W], otherwise
-        self.cache_status = "off"
+        self.cache_dir = cache_dir
+        self.caching = cache_image_embeddings and not self.trains_images
+        self.release_vision_tower = release_vision_tower and self.caching
+        self.cache_precision = resolve_cache_precision(
+            cache_precision, device=self.device, autocast_dtype=self.autocast_dtype, quantized=is_quantized(clip.model)
+        )
+        self._model_key: str | None = None  # the image path's fingerprint, taken while it is resident
         self.cache_seconds = 0.0
-        if cache_image_embeddings and not self.trains_images:
-            self._load_or_build_image_cache(cache_dir)
-        else:
-            self.pixels = pixel_values(clip.image_processor, data.images).to(self.device)
+        self.set_data(data)
         self.plan: BatchPlan = self.fit_memory_budget(memory_budget_mb, gradient_checkpointing)
         self._rounds_trained = 0
 
@@ -170,34 +174,100 @@ class LocalTrainer:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.split(":")[0], dtype=self.autocast_dtype)
 
+    def set_data(self, data: LabeledImages) -> None:
+        """Train on `data` from now on (e.g. a camera added images): only new or changed images are embedded."""
+        import torch
+
+        if len(data) == 0:
+            raise ConfigError("no local training examples")
+        self.data = data
+        self.text_index = torch.as_tensor(data.labels, device=self.device)
+        self.image_embeds = None  # [N, D] fp32, when the vision tower is frozen and caching is on
+        self.pixels = None  # [N, 3, H, W], otherwise
+        self.cache_status = "off"
+        self.cache_embedded = 0  # images run through the vision tower by the last cache update
+        if self.caching:
+            self._load_or_build_image_cache(self.cache_dir)
+        else:
+            self.pixels = pixel_values(self.clip.image_processor, data.images).to(self.device)
+
+    def _current_model_key(self) -> str:
+        precision = f"{self.clip.compute_dtype}/autocast={self.autocast_dtype}/cache={self.cache_precision}"
+        return model_fingerprint(self.clip, precision=precision)
+
     def _load_or_build_image_cache(self, cache_dir: str | Path | None) -> None:
+        """Every image's embedding, from the store where it holds the image's row, else computed; then the
+        store is rewritten with the current images' rows and the vision tower released (see the docstring)."""
         import torch
 
         started = time.perf_counter()
         store = EmbeddingStore(cache_dir)
-        model_key = model_fingerprint(self.clip, precision=f"{self.clip.compute_dtype}/autocast={self.autocast_dtype}")
-        data_key = images_fingerprint(self.data.images)
-        embeds, why = store.load(model_key, data_key)
-        if embeds is not None and embeds.shape[0] == len(self.data):
-            self.image_embeds = embeds.to(self.device)
-            self.cache_status = "hit"
-            log.info("image embeddings: reusing the cache in %s (%d images)", store.path, len(self.data))
-        else:
+        if self._model_key is None:
+            self._model_key = self._current_model_key()  # the tower is resident: built with this trainer
+        keys = [image_key(image) for image in self.data.images]
+        rows, why = store.load(self._model_key)
+        missing = {key: i for i, key in enumerate(keys) if key not in rows}  # one per distinct image
+        if missing:
+            if is_released(self.clip):
+                restore_image_path(self.clip)
+                key = self._current_model_key()
+                if key != self._model_key:  # the checkpoint on disk changed since: every row is stale
+                    log.info("image embeddings: the base model changed on disk; embedding every image again")
+                    self._model_key, rows, why = key, {}, "base model changed"
+                    missing = {k: i for i, k in enumerate(keys) if k not in rows}
             chunk = max(1, min(self.max_batch_size, 256))
-            was_training = self.model.training
-            self.model.eval()
-            parts = []
-            with torch.no_grad():
-                for start in range(0, len(self.data), chunk):
-                    pixels = pixel_values(self.clip.image_processor, self.data.images[start : start + chunk])
-                    with self._autocast():
-                        parts.append(self.family.image_embeddings(self.model, pixels.to(self.device)).float())
-            self.model.train(was_training)
-            self.image_embeds = torch.cat(parts)
-            store.save(self.image_embeds, model_key, data_key)
-            self.cache_status = "built"
-            log.info("image embeddings: computed for %d images (%s)", len(self.data), why)
+            embeds = embed_images(
+                self.clip,
+                self.model,
+                [self.data.images[i] for i in missing.values()],
+                precision=self.cache_precision,
+                autocast_dtype=self.autocast_dtype,
+                chunk=chunk,
+                discard_tower_after=self.release_vision_tower,
+            )
+            rows.update(zip(missing, embeds.cpu()))
+        current = {key: rows[key] for key in keys}  # the rows of images no longer here are dropped
+        if missing:
+            store.save(current, self._model_key)
+        self.image_embeds = torch.stack([current[key] for key in keys]).to(self.device)
+        self.cache_embedded = len(missing)
+        self.cache_status = "hit" if not missing else "built" if len(missing) == len(set(keys)) else "updated"
+        if missing:
+            log.info("image embeddings: computed %d of %d images (%s)", len(missing), len(keys), why)
+        else:
+            log.info("image embeddings: reusing the cache in %s (%d images)", store.path, len(keys))
+        if self.release_vision_tower:
+            release_image_path(self.clip)
+        if missing:  # the build's activations, freed to the C heap, go back to the OS (~95 MB on ViT-B/32)
+            release_freed_memory()
         self.cache_seconds = time.perf_counter() - started
+
+    def evaluate_local(self, template: str = scoring.DEFAULT_TEMPLATE) -> dict[str, float]:
+        """Zero-shot accuracy and loss of the current adapter on the local data, from the cached embeddings
+        when there are some (the vision tower is not needed), else through the tower."""
+        import torch
+
+        text_inputs = self.family.tokenize(self.clip.tokenizer, self.data.texts(template), self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                ids = torch.arange(len(self.data.class_names), device=self.device)
+                texts = self._text_embeddings(text_inputs, ids, grad=False)
+                if self.image_embeds is not None:
+                    images = self.image_embeds
+                else:
+                    images = embed_images(
+                        self.clip, self.model, self.data.images, precision="float32", chunk=self.max_batch_size
+                    )
+                scale, bias = self.family.logit_scale(self.model), self.family.logit_bias(self.model)
+                logits = self.family.logits(images, texts, scale, bias)
+                labels = torch.as_tensor(self.data.labels, device=logits.device)
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+                accuracy = (logits.argmax(dim=1) == labels).float().mean()
+        finally:
+            self.model.train(was_training)
+        return {"accuracy": float(accuracy), "loss": float(loss)}
 
     def _image_embeddings(self, idx, *, grad: bool):
         import torch
@@ -412,6 +482,8 @@ class LocalTrainer:
         from tqdm import tqdm
 
         hooks = [*settings.client_hooks, *hooks]
+        if self.release_vision_tower:
+            release_image_path(self.clip)  # an evaluation may have brought it back: training does not need it
         received = {k: torch.as_tensor(v) for k, v in global_adapter.items()}
         set_adapter_state(self.model, received)
         device = self.device
@@ -498,11 +570,13 @@ class LocalTrainer:
             "peak_memory_mb": peak,
             "peak_memory_kind": self.meter.kind,
             "image_embeddings_cached": int(self.image_embeds is not None),
+            "vision_tower_released": int(is_released(self.clip)),
             "skipped_images": self.data.skipped,
             "texts_contrasted": len(texts),  # all of the run's class prompts, or this client's own texts
         }
         if first_round and self.image_embeds is not None:
             metrics["cache_seconds"] = self.cache_seconds  # one-off: building (or loading) the image embeddings
+            metrics["cache_embedded"] = self.cache_embedded  # images the vision tower ran on for it
         tensors = self.adapter_state()
         for hook in hooks:
             tensors = hook.process_update(tensors, received)

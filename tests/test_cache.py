@@ -68,10 +68,12 @@ def test_the_cache_is_reused_across_restarts_and_rebuilt_when_model_or_data_chan
     from PIL import Image
 
     changed.images[7] = Image.fromarray(pixels)
-    assert make(tiny_model_dir, changed, cache_dir=tmp_path).cache_status == "built"
+    updated = make(tiny_model_dir, changed, cache_dir=tmp_path)
+    assert updated.cache_status == "updated" and updated.cache_embedded == 1  # only the changed image
     assert make(tiny_model_dir, changed, cache_dir=tmp_path).cache_status == "hit"
-    # More data is a change too.
-    assert make(tiny_model_dir, digits.subset(range(161)), cache_dir=tmp_path).cache_status == "built"
+    # More data is a change too: the one new image is embedded.
+    more = make(tiny_model_dir, digits.subset(range(161)), cache_dir=tmp_path)
+    assert more.cache_status == "updated" and more.cache_embedded == 2  # image 7 as it was, and image 160
 
     # Model change: other weights of the same architecture, or the same weights quantized.
     from flora.modeling.tiny import write_tiny_clip

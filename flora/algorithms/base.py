@@ -4,7 +4,8 @@ A Strategy sees a round as: `select` the clients among the eligible candidates, 
 the settings they receive (including the client hooks they must run), `begin` with the global
 adapter, `accumulate` each accepted update as it arrives, then `aggregate` to get the next global
 adapter. Linear strategies accumulate running sums, so memory does not grow with the number of
-clients; order statistics (median, trimmed mean) must keep every update and say so. `state_dict`
+clients; order statistics (median, trimmed mean) need every update, so they spill them to disk as they
+arrive (flora/algorithms/spill.py) and reduce a block of coordinates at a time. `state_dict`
 holds what must survive a restart (server-optimizer moments) as named arrays, saved beside the
 adapter in a checkpoint.
 
