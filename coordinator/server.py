@@ -36,6 +36,7 @@ from coordinator.events import (
     RoundStarted,
     RunFailed,
     RunFinished,
+    RunResumed,
     RunStarted,
     UpdateAccepted,
     UpdateRejected,
@@ -51,6 +52,7 @@ from coordinator.weighting import cap_weight, round_update_metrics
 from flora import __version__
 from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
+from flora.files import check_writable, prune_partial
 from flora.modeling.training_info import TrainingInfo
 from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes
 from flora.records import RoundRecord, RunReport
@@ -124,6 +126,12 @@ class Coordinator:
         if self._started:
             return
         self._started = True
+        # Before anything waits for a fleet: a directory we cannot write would otherwise show only when the
+        # first round is due to be checkpointed.
+        check_writable(self.config.checkpoint_dir, f"checkpoint_dir {self.config.checkpoint_dir}")
+        check_writable(self.config.output_dir, f"output_dir {self.config.output_dir}")
+        for leftover in [*self.checkpoints.prune_leftovers(), *prune_partial(self.config.output_dir)]:
+            log.info("removed %s, left by a write that was interrupted", leftover)
         # Checkpoint first, broker second: the Last Will registered at connect then names the right round.
         saved = self.checkpoints.load()
         if saved is None:
@@ -155,6 +163,14 @@ class Coordinator:
         self.next_round = int(saved["round"]) + 1
         log.info("resumed run %s after round %d", self.config.run_id, saved["round"])
 
+    def _republish_last_round(self) -> None:
+        """After a resume: write the last checkpointed round's outputs and publish its result again. A kill after
+        state.json named the round may have come before either; both are idempotent, so they are always redone
+        (a resumed finished run then leaves outputs equal to its last checkpoint, result and finished published)."""
+        record = self.history[-1]
+        self.events.emit(RunResumed(round=record.round, record=record, report=self.report()))
+        self._publish_result(record.round, record)
+
     # -- the template method -------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run every remaining round; returns the report as JSON-able values (RunReport.to_dict())."""
@@ -169,6 +185,8 @@ class Coordinator:
                     config=_public_settings(self.config),
                 )
             )
+            if self.history:  # resumed: the last round's outputs and result may not have been written
+                self._republish_last_round()
             while self.next_round <= self.config.rounds:
                 self.run_round(self.next_round)
                 self.next_round += 1

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.errors import ProtocolError, RejectReason
+from flora.files import os_error_of, storage_error
 from flora.modeling.recipes import LoraRecipe
 
 
@@ -102,8 +103,11 @@ def save_adapter_dir(
     (e.g. flora_training.json: the prompt the adapter was trained with).
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise storage_error(out, exc) from exc
     try:
         if base_model is not None:
             peft_model.peft_config["default"].base_model_name_or_path = base_model
@@ -119,8 +123,11 @@ def save_adapter_dir(
         os.replace(tmp, out)
         if old.exists():
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = os_error_of(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise storage_error(out, cause) from exc
         raise
     return out
 
