@@ -38,17 +38,15 @@ from coordinator.events import (
     RunFinished,
     RunResumed,
     RunStarted,
-    UpdateAccepted,
-    UpdateRejected,
     UpdatesCollected,
 )
-from coordinator.intake import EarlyUpdates, check_early_update, max_update_bytes
+from coordinator.intake import EarlyUpdates
 from coordinator.live_view import RoundView
 from coordinator.outputs import MetricsPlot, ReportWriter
 from coordinator.registry import MAX_STATUS_BYTES, Registry, Requirements, checked_selection
 from coordinator.signatures import Authenticator
-from coordinator.validation import validate_update
-from coordinator.weighting import cap_weight, round_update_metrics
+from coordinator.update_intake import UpdateIntake
+from coordinator.weighting import round_update_metrics
 from flora import __version__
 from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
@@ -68,7 +66,7 @@ class RoundFailed(FloraError):
     """A round stayed below quorum for every allowed attempt. The checkpoint is intact; rerun to resume."""
 
 
-class Coordinator:
+class Coordinator(UpdateIntake):
     def __init__(
         self,
         config: CoordinatorConfig,
@@ -97,6 +95,7 @@ class Coordinator:
         self._instruction: Message | None = None  # the open round's, re-published after a reconnect
         self._early = EarlyUpdates()  # updates for the next round that arrived before it opened
         self._open_round: int | None = None  # the round collecting updates, for UpdateRejected
+        self._resent_between_rounds = 0  # recovery re-sends that came while no round was open
         self.events = EventBus()
         out = Path(config.output_dir)
         self.training = TrainingInfo(
@@ -236,7 +235,8 @@ class Coordinator:
             )
             bytes_down = self._publish_instruction(round_, selected)
             self.events.emit(InstructionPublished(round=round_, attempt=attempt, bytes_down=bytes_down))
-            updates, rejected, bytes_up = self._collect(round_, set(selected))
+            collected = self._collect(round_, set(selected))
+            updates, rejected, bytes_up = list(collected.accepted.values()), collected.rejected, collected.bytes_up
             quorum_met = len(updates) >= self.config.quorum
             self.events.emit(
                 UpdatesCollected(
@@ -284,7 +284,9 @@ class Coordinator:
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             seconds=time.monotonic() - started,
+            resent=collected.resent + self._resent_between_rounds,
         )
+        self._resent_between_rounds = 0
         self.history.append(record)
         checkpoint_started = time.monotonic()
         adapter_dir = self._checkpoint(round_)
@@ -392,99 +394,6 @@ class Coordinator:
         self._instruction = Message(self.topics.instruction, payload, qos=1, retain=True)
         self.transport.publish(self._instruction)
         return len(payload) * len(selected)  # what the selected clients download
-
-    def _collect(self, round_: int, selected: set[str]):
-        deadline = time.monotonic() + self.config.round_deadline_s
-        accepted: dict[str, Any] = {}
-        rejected: collections.Counter[str] = collections.Counter()
-        bytes_up = 0
-        early = self._early.take()
-        self._open_round = round_
-        try:
-            while len(accepted) < len(selected) and time.monotonic() < deadline:
-                message = early.pop(0) if early else self._pump(min(0.5, max(0.01, deadline - time.monotonic())))
-                if message is None:
-                    continue
-                bytes_up += self._take_update(message, round_, selected, accepted, rejected)
-        finally:
-            self._open_round = None
-        return list(accepted.values()), rejected, bytes_up
-
-    def _take_update(self, message: Message, round_: int, selected: set[str], accepted: dict, rejected) -> int:
-        """Check one update and fold it in (returns its bytes), or count its rejection (returns 0)."""
-        received_at = time.monotonic()
-        try:
-            env = envelope_from_bytes(message.payload)
-            verified = self.auth.check_update(message.payload, env, Topics.node_of(message.topic))
-            update = validate_update(
-                env,
-                topic_node=Topics.node_of(message.topic),
-                run_id=self.config.run_id,
-                round_=round_,
-                selected=selected,
-                already=set(accepted),
-                global_tensors=self.strategy.expected_update(self.global_tensors),
-                max_update_norm=self.config.max_update_norm,
-                payload_bytes=len(message.payload),
-                allow_lower_rank=self.strategy.accepts_lower_rank,
-            )
-            self.auth.check_binding(env, verified)
-        except ProtocolError as exc:
-            self._count_rejection(exc, message.topic, rejected)
-            return 0
-        update = cap_weight(update, self.registry, selected, self.config.max_weight_factor)
-        validated_at = time.monotonic()
-        self.strategy.accumulate(update)
-        aggregated_at = time.monotonic()
-        self.error_meter.add(update.tensors, update.num_examples)
-        # Keep who answered and their metrics, not their tensors: those are already folded into the
-        # strategy, and holding 500 updates' tensors would make memory grow with the fleet.
-        accepted[update.node] = dataclasses.replace(update, tensors={})
-        self.events.emit(
-            UpdateAccepted(
-                round=round_,
-                node=update.node,
-                num_examples=update.num_examples,
-                bytes=len(message.payload),
-                metrics=dict(update.metrics),
-                received_at=received_at,
-                validated_at=validated_at,
-                aggregated_at=aggregated_at,
-            )
-        )
-        return len(message.payload)
-
-    def _hold_or_reject(self, message: Message) -> None:
-        """An update before its round opened: keep it if it is for the round about to open (it was queued by
-        the broker while we were down, or answers an earlier attempt), otherwise reject it. It is checked
-        (identity, size, signature) before it is held, and held within a bound (coordinator/intake.py)."""
-        node = Topics.node_of(message.topic)
-        try:
-            env = envelope_from_bytes(message.payload)
-            check_early_update(
-                env,
-                topic_node=node,
-                run_id=self.config.run_id,
-                round_=self.next_round,
-                payload_bytes=len(message.payload),
-                max_bytes=max_update_bytes(self.strategy.expected_update(self.global_tensors)),
-            )
-            self.auth.check_update(message.payload, env, node)
-            self._early.hold(node, message)
-        except ProtocolError as exc:
-            self._count_rejection(exc, message.topic, collections.Counter())
-
-    def _count_rejection(self, exc: ProtocolError, topic: str, rejected: collections.Counter) -> None:
-        rejected[exc.reason.value] += 1
-        self.rejections[exc.reason.value] += 1
-        level = logging.ERROR if exc.reason is RejectReason.VERSION else logging.WARNING
-        kind = topic.rsplit("/", 2)[-2] if topic.count("/") >= 2 else ""  # "update" or "status": a bounded set
-        drops.log(level, f"{exc.reason.value} {kind}", "rejected message on %s: %s", topic, exc)
-        self.events.emit(
-            UpdateRejected(
-                round=self._open_round, topic=topic, node=Topics.node_of(topic), reason=exc.reason, detail=exc.detail
-            )
-        )
 
     def _checkpoint(self, round_: int) -> Path:
         """The round's adapter and state, atomically; returns the adapter directory."""

@@ -81,6 +81,7 @@ class EdgeAgent:
         # Round results first: their retained copy tells how far the run is before the retained instruction arrives.
         self.transport.subscribe(self.topics.metrics, qos=1)
         self.transport.subscribe(self.topics.instruction, qos=1)
+        self.transport.subscribe(self.topics.notice(self.config.node_id), qos=1)  # 1.2: why an update was refused
         self.transport.publish(self._status("online"))
         log.info(
             "%s online in run %s with %d local examples",
@@ -148,7 +149,10 @@ class EdgeAgent:
         if env.kind in ("train", "finished") and message.topic != self.topics.instruction:
             log.warning("dropped %s published on %s, not the instruction topic", env.kind, message.topic)
             return
-        if self.coordinator_key is not None and env.kind in ("train", "finished", "round_result"):
+        if env.kind == "reject" and message.topic != self.topics.notice(self.config.node_id):
+            log.warning("dropped a reject notice published on %s, not this device's notice topic", message.topic)
+            return
+        if self.coordinator_key is not None and env.kind in ("train", "finished", "round_result", "reject"):
             try:
                 verify(message.payload, self.coordinator_key, signer="the coordinator")
             except ProtocolError as exc:
@@ -165,10 +169,24 @@ class EdgeAgent:
             if self.config.node_id in data.get("accepted", ()):
                 self.store.acknowledge(self.state, env.round)
             self._saw_round(env.round)
+        elif env.kind == "reject":
+            self._on_reject(env, data)
         elif env.kind == "finished":
             if not self.finished:
                 log.info("run %s finished after round %s", env.run, env.round)
             self.finished = True
+
+    def _on_reject(self, env: Envelope, data: dict[str, Any]) -> None:
+        """The coordinator refused our update for a round and dropped us from it: say why, loudly, with the fix."""
+        if data["node"] != self.config.node_id:
+            return
+        log.error(
+            "round %s: the coordinator refused this device's update (%s: %s) and dropped it from the round; fix: %s",
+            env.round,
+            data["reason"],
+            data.get("detail", "no detail"),
+            data.get("fix", "see the coordinator's log"),
+        )
 
     def _saw_round(self, round_: int) -> None:
         """A round result for `round_`: the window moves, and an instruction held for being too far ahead is

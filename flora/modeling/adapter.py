@@ -76,11 +76,32 @@ def check_adapter_tensors(
         return
     for name, ref in expected.items():
         if tuple(received[name].shape) != tuple(ref.shape):
+            got_rank, want_rank = _rank_of(name, received[name].shape), _rank_of(name, ref.shape)
+            if got_rank is not None and got_rank != want_rank and _same_but_rank(name, received[name].shape, ref.shape):
+                # The shapes say which setting differs: name it, not the recipe (the recipe may well match).
+                raise ProtocolError(
+                    RejectReason.TENSOR_SHAPES,
+                    f"LoRA rank {got_rank}, the run's rank is {want_rank} ({name}: shape "
+                    f"{tuple(received[name].shape)}, expected {tuple(ref.shape)})",
+                )
             raise ProtocolError(
                 RejectReason.TENSOR_SHAPES,
                 f"{name}: shape {tuple(received[name].shape)}, expected {tuple(ref.shape)} "
-                "(client and coordinator must use the same recipe)",
+                "(client and coordinator must use the same recipe and base model)",
             )
+
+
+def _rank_of(name: str, shape: Any) -> int | None:
+    """The LoRA rank a factor's shape holds (A is [r, in], B is [out, r]); None for other tensors."""
+    shape = tuple(shape)
+    if len(shape) != 2:
+        return None
+    return shape[0] if ".lora_A." in name else shape[1] if ".lora_B." in name else None
+
+
+def _same_but_rank(name: str, got: Any, want: Any) -> bool:
+    got, want = tuple(got), tuple(want)
+    return len(got) == len(want) == 2 and (got[1] == want[1] if ".lora_A." in name else got[0] == want[0])
 
 
 def set_adapter_state(peft_model: Any, tensors: dict[str, Any]) -> None:

@@ -23,13 +23,13 @@ from typing import Any
 from flora.errors import ProtocolError, RejectReason
 
 MAGIC = b"FLRA"
-PROTOCOL_VERSION = "1.1"  # 1.1: train.client_hooks (docs/PROTOCOL.md §5.2, §9)
+PROTOCOL_VERSION = "1.2"  # 1.1: train.client_hooks (§5.2); 1.2: reject notices, status fields (§5.7, §9)
 # Bounded, yet room for a train instruction naming ~8,000 selected nodes of the longest (128-character) ids.
 MAX_HEADER_BYTES = 1024 * 1024
 
 # "chunk" is one piece of a message split to fit the broker's size limit (flora/protocol/chunking.py);
 # the chunking transport consumes chunks, so roles never see that kind.
-KINDS = ("status", "train", "update", "round_result", "finished", "chunk")
+KINDS = ("status", "train", "update", "round_result", "finished", "chunk", "reject")  # reject: 1.2
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 

@@ -32,6 +32,7 @@ MAX_ABS_NUMBER = 1e15  # an unknown numeric metric or capability beyond this is 
 MAX_LOSS = 1e6  # |train_loss|: far above any real loss, far below what overflows once weighted by 10^9 examples
 MAX_MEMORY_MB = 1e9  # a petabyte
 MAX_SELECTED = 100_000
+MAX_NOTICE_CHARS = 512  # a reject notice's detail and fix
 
 _SOURCE = contextvars.ContextVar("schema_source", default="")  # who sent the message checked now, for log lines
 
@@ -96,6 +97,13 @@ def node_ids(value: Any) -> list[str]:
         except ProtocolError as exc:
             raise Rule(exc.detail) from None
     return list(value)
+
+
+def node_ids_one(value: Any) -> str:
+    try:
+        return check_id(value, "node id")
+    except ProtocolError as exc:
+        raise Rule(exc.detail) from None
 
 
 def pair_of(item: Check) -> Check:
@@ -272,6 +280,12 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
     "finished": {
         "rounds": Field(integer(0, MAX_ROUND)),
+    },
+    "reject": {  # 1.2: the coordinator tells one node why its update was refused (topic notice/{node})
+        "node": Field(node_ids_one, required=True),
+        "reason": Field(text(64), required=True),  # a RejectReason value; an unknown one is shown as it is
+        "detail": Field(text(MAX_NOTICE_CHARS)),
+        "fix": Field(text(MAX_NOTICE_CHARS)),
     },
 }
 
