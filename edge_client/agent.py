@@ -25,7 +25,7 @@ from edge_client.health import read_health
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.algorithms import LocalDP
-from flora.errors import ProtocolError, RejectReason
+from flora.errors import ProtocolError, RejectReason, StorageError
 from flora.modeling.lora_factors import fit_to_rank
 from flora.protocol import (
     Envelope,
@@ -116,10 +116,13 @@ class EdgeAgent:
             self.stop()
 
     def handle(self, message: Message) -> None:
-        """Act on one received message. Never raises: the specific checks name what is wrong, and anything
+        """Act on one received message. Never raises for a message's sake (only StorageError, for our own disk): the
+        specific checks name what is wrong, and anything
         they missed is logged here, so no message can stop the agent (or crash-loop it when retained)."""
         try:
             self._handle(message)
+        except StorageError:
+            raise  # our own disk, not the message: stop (the CLI prints the path and the fix) rather than run on
         except Exception as exc:  # the last line of defence, after the schema and signature checks
             log.error(
                 "dropped the message on %s: acting on it failed with %s: %s; the agent keeps running",

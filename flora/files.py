@@ -26,6 +26,7 @@ PARTIAL_NAME = re.compile(r"^\.(?P<target>.+)\.(partial|old|[a-z0-9_]{8})$")
 
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+ENVIRONMENT_ERRNOS = frozenset(_FULL + _DENIED)
 
 
 def os_error_of(exc: BaseException) -> OSError | None:
@@ -91,7 +92,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except OSError as exc:
         raise storage_error(path, exc) from exc
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove (the directory may not even exist)
+            tmp.unlink(missing_ok=True)
 
 
 def check_writable(directory: str | Path, setting: str) -> None:

@@ -471,6 +471,14 @@ def _run(args: argparse.Namespace) -> int:
             raise  # our own module is missing: a broken install, not a missing extra
         print(f"flora {args.command}: error: {hint}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from flora.files import ENVIRONMENT_ERRNOS, storage_error
+
+        if exc.errno not in ENVIRONMENT_ERRNOS or not exc.filename:
+            raise
+        # A write that did not go through flora.files (a library's own): the same one line, path and fix.
+        print(f"flora {args.command}: error: {storage_error(exc.filename, exc)}", file=sys.stderr)
+        return 2
     except Terminated:
         logging.getLogger("flora").info("flora %s stopped by SIGTERM", args.command)
         return 128 + signal.SIGTERM
