@@ -54,9 +54,11 @@ def test_a_library_write_that_only_describes_its_os_error_is_recognised():
 def test_an_atomic_path_into_a_file_names_the_target(tmp_path):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("x")
-    with pytest.raises(StorageError, match=r"cannot write .*not-a-dir/model\.onnx"):
-        with atomic_path(blocker / "model.onnx") as tmp:
-            tmp.write_bytes(b"x")
+    with (
+        pytest.raises(StorageError, match=r"cannot write .*not-a-dir/model\.onnx"),
+        atomic_path(blocker / "model.onnx") as tmp,
+    ):
+        tmp.write_bytes(b"x")
 
 
 def test_check_writable_names_the_setting(tmp_path):
