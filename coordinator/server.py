@@ -8,6 +8,9 @@ with a fresh selection), evaluate, checkpoint atomically, publish the round resu
 Whatever only observes the run (report.json, metrics.png, the live view, trackers) subscribes to the
 events the loop emits (coordinator/events.py); the checkpoint stays a built-in step, before the round's
 result is published or any subscriber hears of it.
+
+Two halves live beside it, mixed into `Coordinator`: coordinator/lifecycle.py (start, resume, what is published
+between rounds) and coordinator/update_intake.py (taking a round's updates, answering refused ones).
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from coordinator.checkpoint import CheckpointStore
 from coordinator.config import CoordinatorConfig
+from coordinator.eligibility import Eligibility, summarize
 from coordinator.evaluation import Evaluator
 from coordinator.events import (
     Aggregated,
@@ -36,21 +38,22 @@ from coordinator.events import (
     RoundStarted,
     RunFailed,
     RunFinished,
-    RunResumed,
     RunStarted,
     UpdatesCollected,
 )
 from coordinator.intake import EarlyUpdates
+from coordinator.lifecycle import RunLifecycle, pct
 from coordinator.live_view import RoundView
 from coordinator.outputs import MetricsPlot, ReportWriter
-from coordinator.registry import MAX_STATUS_BYTES, Registry, Requirements, checked_selection
+from coordinator.registry import MAX_STATUS_BYTES, NodeInfo, Registry, Requirements, checked_selection
 from coordinator.signatures import Authenticator
 from coordinator.update_intake import UpdateIntake
 from coordinator.weighting import round_update_metrics
 from flora import __version__
 from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
-from flora.files import check_writable, prune_partial
+from flora.modeling.fingerprint import model_fingerprint
+from flora.modeling.recipes import get_recipe
 from flora.modeling.training_info import TrainingInfo
 from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes
 from flora.records import RoundRecord, RunReport
@@ -62,11 +65,14 @@ log = logging.getLogger(__name__)
 drops = ThrottledLog(__name__)  # rejections: a flood of them must not flood the log
 
 
+EXPLAINED_LINES = 500  # "node X cannot take part" lines logged in full per run (a fleet's worth), then throttled
+
+
 class RoundFailed(FloraError):
     """A round stayed below quorum for every allowed attempt. The checkpoint is intact; rerun to resume."""
 
 
-class Coordinator(UpdateIntake):
+class Coordinator(RunLifecycle, UpdateIntake):
     def __init__(
         self,
         config: CoordinatorConfig,
@@ -83,6 +89,15 @@ class Coordinator(UpdateIntake):
         self.strategy = strategy
         self.topics = Topics(config.run_id)
         self.requirements = Requirements(config.min_client_memory_mb, config.require_4bit)
+        self.eligibility = Eligibility(
+            run_id=config.run_id,
+            recipe=config.recipe,
+            rank=get_recipe(config.recipe).rank,
+            accepts_lower_rank=strategy.accepts_lower_rank,
+            fingerprint=model_fingerprint(config.model),
+            model=config.model,
+            requirements=self.requirements,
+        )
         self.checkpoints = CheckpointStore(config.checkpoint_dir)
         self.auth = Authenticator(config)  # signs what we publish; verifies devices (when keys are configured)
         self.registry = Registry(is_known=self.auth.knows)  # bounded: unknown nodes are capped and evicted
@@ -96,6 +111,10 @@ class Coordinator(UpdateIntake):
         self._early = EarlyUpdates()  # updates for the next round that arrived before it opened
         self._open_round: int | None = None  # the round collecting updates, for UpdateRejected
         self._resent_between_rounds = 0  # recovery re-sends that came while no round was open
+        self._echoes = 0  # our own statuses received back (start's barrier)
+        self._probing = False
+        self._explained = 0  # "cannot take part" lines logged
+        self._retained_result: Envelope | None = None  # a round result of this run id found on the broker at start
         self.events = EventBus()
         out = Path(config.output_dir)
         self.training = TrainingInfo(
@@ -112,64 +131,6 @@ class Coordinator(UpdateIntake):
             self.events.subscribe(subscriber)
 
     # -- setup and resume ----------------------------------------------------------------
-    def _coordinator_status(self, state: str) -> Message:
-        env = Envelope(
-            kind="status",
-            run=self.config.run_id,
-            sender=self.config.node_id,
-            data={"state": state, "role": "coordinator", "round": self.next_round - 1},
-        )
-        return Message(self.topics.status(self.config.node_id), self.auth.seal(env), retain=True)
-
-    def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        # Before anything waits for a fleet: a directory we cannot write would otherwise show only when the
-        # first round is due to be checkpointed.
-        check_writable(self.config.checkpoint_dir, f"checkpoint_dir {self.config.checkpoint_dir}")
-        check_writable(self.config.output_dir, f"output_dir {self.config.output_dir}")
-        for leftover in [*self.checkpoints.prune_leftovers(), *prune_partial(self.config.output_dir)]:
-            log.info("removed %s, left by a write that was interrupted", leftover)
-        # Checkpoint first, broker second: the Last Will registered at connect then names the right round.
-        saved = self.checkpoints.load()
-        if saved is None:
-            self.global_tensors = self.evaluator.initial_adapter()
-            self.initial = self.evaluator.evaluate(self.global_tensors)
-            log.info("fresh run %s; initial accuracy %s", self.config.run_id, _pct(self.initial))
-        else:
-            self._resume(saved)
-        self.transport.connect(will=self._coordinator_status("offline"))
-        self.transport.subscribe(self.topics.all_status, qos=1)
-        self.transport.subscribe(self.topics.all_updates, qos=1)
-        if self.next_round <= self.config.rounds:
-            # A run extended after it finished (more rounds) must not leave clients reading "finished".
-            self.transport.publish(Message(self.topics.instruction, b"", retain=True))
-        if saved is None:  # a fresh run on a reused broker: forget an earlier run's last round result
-            self.transport.publish(Message(self.topics.metrics, b"", retain=True))
-        self.transport.publish(self._coordinator_status("online"))
-
-    def _resume(self, saved: dict[str, Any]) -> None:
-        from safetensors.numpy import load_file
-
-        self.global_tensors = load_file(str(Path(saved["adapter_dir"]) / "adapter_model.safetensors"))
-        self.global_tensors = {k: v.astype(np.float32) for k, v in self.global_tensors.items()}
-        self.evaluator.load(self.global_tensors)
-        self.history = [RoundRecord.from_dict(r) for r in saved.get("history", [])]
-        self.initial = saved.get("initial")
-        self.rejections.update(saved.get("rejections", {}))
-        self.strategy.load_state_dict(self.checkpoints.load_strategy_state(saved))
-        self.next_round = int(saved["round"]) + 1
-        log.info("resumed run %s after round %d", self.config.run_id, saved["round"])
-
-    def _republish_last_round(self) -> None:
-        """After a resume: write the last checkpointed round's outputs and publish its result again. A kill after
-        state.json named the round may have come before either; both are idempotent, so they are always redone
-        (a resumed finished run then leaves outputs equal to its last checkpoint, result and finished published)."""
-        record = self.history[-1]
-        self.events.emit(RunResumed(round=record.round, record=record, report=self.report()))
-        self._publish_result(record.round, record)
-
     # -- the template method -------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run every remaining round; returns the report as JSON-able values (RunReport.to_dict())."""
@@ -214,7 +175,7 @@ class Coordinator(UpdateIntake):
             else:
                 self._wait_for_clients()
                 seed = self.config.seed * 100_003 + round_ * 101 + attempt
-                candidates = self.registry.candidates(self.config.recipe, self.requirements)
+                candidates = self.registry.candidates(why_not=self._why_not)
                 default = self.registry.sample(
                     candidates,
                     fraction=self.config.clients_per_round_fraction,
@@ -301,7 +262,7 @@ class Coordinator(UpdateIntake):
             round_,
             len(updates),
             len(selected),
-            _pct(evaluation),
+            pct(evaluation),
             bytes_up,
             bytes_down,
             record.seconds,
@@ -317,6 +278,9 @@ class Coordinator(UpdateIntake):
             return None
         if message is not None and not message.payload:
             return None  # a cleared retained topic, not a message
+        if message is not None and message.topic == self.topics.metrics:
+            self._note_result(message)
+            return None
         if message is None or "/status/" not in message.topic:
             return message
         if len(message.payload) > MAX_STATUS_BYTES:  # before it is parsed: the registry keeps what it holds
@@ -338,24 +302,44 @@ class Coordinator(UpdateIntake):
                 return None
             info = self.registry.update(env.sender, env.data)
             log.debug("node %s is %s", env.sender, info.state)
+            self._explain_eligibility(info)
+        elif env.run == self.config.run_id and env.sender == self.config.node_id:
+            self._echoes += 1  # our own status came back: everything the broker queued before it has arrived
         return None
 
-    def _announce_after_reconnect(self) -> None:
-        """After a broker restart: say we are online again and re-publish the open round's instruction
-        (a broker without persistence has forgotten the retained copy)."""
-        self.transport.publish(self._coordinator_status("online"))
-        if self._instruction is not None:
-            self.transport.publish(self._instruction)
+    def _explain_eligibility(self, info: NodeInfo) -> None:
+        """Log, once per change, that an online node cannot take part and why (and when it can again)."""
+        why = self._why_not(info) if info.state == "online" else None
+        if why == info.ineligible:
+            return
+        if why is not None:
+            # Each node once per change of reason; past EXPLAINED_LINES (an open broker's flood of made-up nodes
+            # flipping their fields) one line per interval, the rest counted.
+            self._explained += 1
+            line = "node %s is online but cannot take part in run %s: %s"
+            if self._explained <= EXPLAINED_LINES:
+                log.warning(line, info.node, self.config.run_id, why)
+            else:
+                drops.warning("ineligible", line, info.node, self.config.run_id, why)
+        elif info.ineligible is not None and info.state == "online":
+            log.info("node %s can take part in run %s now", info.node, self.config.run_id)
+        info.ineligible = why
+
+    def _why_not(self, info: NodeInfo) -> str | None:
+        return self.eligibility.why_not(info, self.next_round)
 
     def _wait_for_clients(self) -> None:
         deadline = time.monotonic() + self.config.wait_for_clients_s
         needed = self.config.min_available_clients
-        while len(self.registry.online(self.config.recipe, self.requirements)) < needed:
+        while len(self.registry.online(why_not=self._why_not)) < needed:
             if time.monotonic() > deadline:
-                eligible = len(self.registry.online(self.config.recipe, self.requirements))
+                eligible = len(self.registry.online(why_not=self._why_not))
+                refused = self.registry.ineligible(self._why_not)
+                also = f"; online but not eligible: {summarize(refused)}" if refused else ""
                 raise RoundFailed(
                     f"only {eligible} of {needed} required eligible clients came online "
-                    f"within {self.config.wait_for_clients_s:.0f}s; start more clients or lower min_available_clients"
+                    f"within {self.config.wait_for_clients_s:.0f}s{also}; start more clients, fix the ones named, "
+                    "or lower min_available_clients"
                 )
             message = self._pump(0.2)
             if message is not None:  # an update while no round is open
@@ -384,6 +368,9 @@ class Coordinator(UpdateIntake):
                 "selected": selected,
                 "deadline": time.time() + self.config.round_deadline_s,
                 "recipe": self.config.recipe,
+                "rank": self.eligibility.rank,  # 1.2: rank, lower_rank_ok and model_fingerprint let a client
+                "lower_rank_ok": self.eligibility.accepts_lower_rank,  # that cannot take part say why (§5.2)
+                **({"model_fingerprint": self.eligibility.fingerprint} if self.eligibility.fingerprint else {}),
                 "train": settings,
             },
             body=body,
@@ -394,44 +381,6 @@ class Coordinator(UpdateIntake):
         self._instruction = Message(self.topics.instruction, payload, qos=1, retain=True)
         self.transport.publish(self._instruction)
         return len(payload) * len(selected)  # what the selected clients download
-
-    def _checkpoint(self, round_: int) -> Path:
-        """The round's adapter and state, atomically; returns the adapter directory."""
-        self.evaluator.load(self.global_tensors)
-        state = {
-            "run_id": self.config.run_id,
-            "history": [r.to_dict() for r in self.history],
-            "initial": self.initial,
-            "rejections": dict(self.rejections),
-            "registry": self.registry.snapshot(),
-            "toolkit_version": __version__,
-        }
-        return self.checkpoints.save(
-            round_, self.evaluator.model, state, base_model=self.config.model, strategy_state=self.strategy.state_dict()
-        )
-
-    def _publish_result(self, round_: int, record: RoundRecord) -> None:
-        env = Envelope(
-            kind="round_result",
-            run=self.config.run_id,
-            sender=self.config.node_id,
-            round=round_,
-            data=record.to_dict(),
-        )
-        self.transport.publish(Message(self.topics.metrics, self.auth.seal(env), retain=True))
-
-    def _publish_finished(self) -> None:
-        env = Envelope(
-            kind="finished",
-            run=self.config.run_id,
-            sender=self.config.node_id,
-            round=self.config.rounds,
-            data={"rounds": self.config.rounds},
-        )
-        payload = self.auth.seal(env)
-        # Replace the retained instruction so late joiners learn the run is over, not a stale round.
-        self.transport.publish(Message(self.topics.instruction, payload, retain=True))
-        self.transport.publish(self._coordinator_status("finished"))
 
     # -- the report ----------------------------------------------------------------------
     def report(self) -> RunReport:
@@ -458,7 +407,3 @@ def _public_settings(config: CoordinatorConfig) -> dict[str, Any]:
             continue
         out[f.name] = str(value) if isinstance(value, Path) else value
     return out
-
-
-def _pct(evaluation: dict[str, Any] | None) -> str:
-    return "n/a" if not evaluation else f"{evaluation['accuracy'] * 100:.1f}%"

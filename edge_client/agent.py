@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 from edge_client.capabilities import detect_capabilities
 from edge_client.config import ClientConfig
 from edge_client.health import read_health
+from edge_client.identity import DeviceIdentity
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.algorithms import LocalDP
 from flora.errors import ProtocolError, RejectReason, StorageError
+from flora.modeling.fingerprint import model_fingerprint
 from flora.modeling.lora_factors import fit_to_rank
 from flora.protocol import (
     Envelope,
@@ -60,10 +63,20 @@ class EdgeAgent:
         # The device's own client hooks, run after the instruction's: local DP is set here, not by the coordinator.
         local_dp = LocalDP.from_settings(config.dp_clip_norm, config.dp_noise_multiplier)
         self.local_hooks = (local_dp,) if local_dp is not None else ()
+        # 1.2: announced in the status, so the coordinator can say why it cannot use this device (§5.1a).
+        self.instance = uuid.uuid4().hex[:12]  # this process: a second device with our node_id has another one
+        self.rank = int(self.trainer.recipe.rank)
+        self.fingerprint = model_fingerprint(config.model)
+        self.identity = DeviceIdentity(config.node_id, self.instance)
+        self._told: set[tuple] = set()  # mismatches already logged: each is said once, not per retained copy
 
     # -- messages we send ---------------------------------------------------------------
     def _status(self, state: str) -> Message:
-        data: dict[str, Any] = {"state": state, "last_round_trained": self.state.last_round_trained}
+        data: dict[str, Any] = {
+            "state": state,
+            "last_round_trained": self.state.last_round_trained,
+            "instance": self.instance,
+        }
         if state != "offline":
             data["capabilities"] = detect_capabilities(
                 self.trainer.clip.device,
@@ -72,6 +85,9 @@ class EdgeAgent:
                 configured_quantization=self.config.quantization,
             )
             data["recipe"] = self.config.recipe
+            data["rank"] = self.rank
+            if self.fingerprint is not None:
+                data["model_fingerprint"] = self.fingerprint
             data["health"] = read_health(self.config.state_dir, cuda_device=self.trainer.clip.device)
         env = Envelope(kind="status", run=self.config.run_id, sender=self.config.node_id, data=data)
         return Message(self.topics.status(self.config.node_id), seal(env, self.signer), qos=1, retain=True)
@@ -82,6 +98,7 @@ class EdgeAgent:
         self.transport.subscribe(self.topics.metrics, qos=1)
         self.transport.subscribe(self.topics.instruction, qos=1)
         self.transport.subscribe(self.topics.notice(self.config.node_id), qos=1)  # 1.2: why an update was refused
+        self.transport.subscribe(self.topics.status(self.config.node_id), qos=1)  # 1.2: another device with our id?
         self.transport.publish(self._status("online"))
         log.info(
             "%s online in run %s with %d local examples",
@@ -134,7 +151,11 @@ class EdgeAgent:
 
     def _handle(self, message: Message) -> None:
         if message.topic == RECONNECTED:
+            self.identity.reconnected()
             self.transport.publish(self._status("online"))  # our Will may have fired meanwhile
+            return
+        if message.topic == self.topics.status(self.config.node_id):
+            self.identity.saw_status(message.payload)
             return
         if not message.payload:
             return  # a cleared retained topic
@@ -206,6 +227,54 @@ class EdgeAgent:
         seen = max(self.round_seen, self.state.last_round_trained)
         return round_ > seen + self.config.max_round_ahead
 
+    def _tell_once(self, key: tuple, message: str, *args: Any) -> None:
+        if key not in self._told and len(self._told) < 1024:
+            self._told.add(key)
+            log.error(message, *args)
+
+    def _mismatch(self, round_: int, data: dict[str, Any]) -> bool:
+        """Whether this device cannot take part in the run the instruction describes; says why, once per cause.
+        Checked for every instruction, selected or not: the coordinator does not select a device it cannot use,
+        so checking only when selected would leave this side silent."""
+        recipe = data.get("recipe")
+        if recipe not in (None, self.config.recipe):
+            self._tell_once(
+                ("recipe", recipe),
+                "cannot take part from round %d: the run uses recipe %r but this device is configured for %r; "
+                "set recipe = %r in the client config",
+                round_,
+                recipe,
+                self.config.recipe,
+                recipe,
+            )
+            return True
+        theirs = data.get("model_fingerprint")
+        if theirs is not None and self.fingerprint is not None and theirs != self.fingerprint:
+            self._tell_once(
+                ("model", theirs),
+                "cannot take part from round %d: the coordinator's base model (fingerprint %s) is not this device's "
+                "model %s (fingerprint %s); install the run's checkpoint and set model to it",
+                round_,
+                theirs,
+                self.config.model,
+                self.fingerprint,
+            )
+            return True
+        run_rank = data.get("rank")
+        if run_rank is not None and self.rank != run_rank and not (self.rank < run_rank and data.get("lower_rank_ok")):
+            self._tell_once(
+                ("rank", run_rank),
+                "cannot take part from round %d: this device trains at LoRA rank %d, the run's rank is %d%s; set "
+                "lora_rank = %d in the client config, or remove lora_rank",
+                round_,
+                self.rank,
+                run_rank,
+                "" if self.rank > run_rank else " and its strategy takes no lower rank",
+                run_rank,
+            )
+            return True
+        return False
+
     def _on_train(self, env: Envelope, data: dict[str, Any]) -> None:
         round_ = env.round
         if round_ is None:
@@ -226,7 +295,7 @@ class EdgeAgent:
             return
         self._held = None  # the instruction topic keeps one message: the newest believed one supersedes a held one
         self.round_seen = max(self.round_seen, round_)
-        if self.config.node_id not in data["selected"]:
+        if self._mismatch(round_, data) or self.config.node_id not in data["selected"]:
             return
         if round_ <= self.state.last_round_trained:
             # Never train twice for one instruction; re-send the finished update if it was not acknowledged.
@@ -234,14 +303,17 @@ class EdgeAgent:
             if pending is not None:
                 log.info("re-sending the update for round %d", round_)
                 self._publish_update(pending)
-            return
-        if data.get("recipe") not in (None, self.config.recipe):
-            log.error(
-                "round %d uses recipe %r but this device is configured for %r; fix recipe in the client config",
-                round_,
-                data.get("recipe"),
-                self.config.recipe,
-            )
+            elif ("trained", round_) not in self._told:
+                self._told.add(("trained", round_))
+                log.warning(
+                    "ignoring the instruction for round %d: this device already trained round %d of run %s (%s). "
+                    "If the run was started again under the same run_id, give it a new run_id, or delete that file "
+                    "to train again",
+                    round_,
+                    self.state.last_round_trained,
+                    self.config.run_id,
+                    self.store.state_path,
+                )
             return
         # No deadline check here: device clocks drift; the coordinator decides what is late.
         try:

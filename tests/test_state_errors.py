@@ -61,7 +61,7 @@ def test_a_history_that_is_not_rounds_1_to_n_is_refused(tmp_path, rounds):
     (tmp_path / "rounds" / "000003" / "adapter_model.safetensors").write_bytes(b"")
     state = {"round": 3, "adapter_dir": "rounds/000003", "history": [{"round": r} for r in rounds]}
     (tmp_path / "state.json").write_text(json.dumps(state))
-    with pytest.raises(StateError, match=rf"state\.json has round 3 but its history records rounds \[.*not 1 to 3"):
+    with pytest.raises(StateError, match=r"state\.json has round 3 but its history records rounds \[.*not 1 to 3"):
         CheckpointStore(tmp_path).load()
 
 

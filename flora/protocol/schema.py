@@ -32,6 +32,7 @@ MAX_ABS_NUMBER = 1e15  # an unknown numeric metric or capability beyond this is 
 MAX_LOSS = 1e6  # |train_loss|: far above any real loss, far below what overflows once weighted by 10^9 examples
 MAX_MEMORY_MB = 1e9  # a petabyte
 MAX_SELECTED = 100_000
+MAX_RANK = 65536
 MAX_NOTICE_CHARS = 512  # a reject notice's detail and fix
 
 _SOURCE = contextvars.ContextVar("schema_source", default="")  # who sent the message checked now, for log lines
@@ -261,6 +262,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "state": Field(text(32, ("online", "offline", "finished")), required=True),
         "last_round_trained": Field(integer(-1, MAX_ROUND)),
         "recipe": Field(text(128)),
+        "rank": Field(integer(1, MAX_RANK)),  # 1.2: the LoRA rank the device trains at
+        "model_fingerprint": Field(text(64)),  # 1.2: flora.modeling.fingerprint of its base checkpoint
+        "instance": Field(text(64)),  # 1.2: random per process: two at once under one node id are two devices
         "capabilities": Field(scalar_map(CAPABILITIES, strict=False, what="status capabilities")),
         "health": Field(scalar_map(HEALTH, strict=False, what="status health")),
     },
@@ -273,6 +277,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "selected": Field(node_ids, required=True),
         "deadline": Field(number(-1e12, 1e12)),
         "recipe": Field(text(128)),
+        "rank": Field(integer(1, MAX_RANK)),  # 1.2: the run's LoRA rank
+        "lower_rank_ok": Field(boolean),  # 1.2: the strategy takes updates of a lower rank
+        "model_fingerprint": Field(text(64)),  # 1.2: the coordinator's base checkpoint
         "train": Field(fields(TRAIN_SETTINGS, "train.data.train")),
     },
     "round_result": {
