@@ -21,6 +21,7 @@ from flora import __version__
 from flora.errors import ConfigError, ProtocolError
 from flora.files import check_writable, prune_partial
 from flora.protocol import Envelope, envelope_from_bytes
+from flora.protocol.signing import verify
 from flora.records import RoundRecord
 from flora.transport import Message
 
@@ -103,8 +104,18 @@ class RunLifecycle:
             env = envelope_from_bytes(message.payload)
         except ProtocolError:
             return
-        if env.kind == "round_result" and env.run == self.config.run_id and isinstance(env.round, int):
-            self._retained_result = env
+        if env.kind != "round_result" or env.run != self.config.run_id or not isinstance(env.round, int):
+            return
+        if env.round < 1:
+            return  # no round was completed: nothing a client would refuse
+        signer = self.auth.signer
+        if signer is not None:  # with a signing key, only a result we signed proves the id was used
+            try:
+                verify(message.payload, signer.public_key, signer="this coordinator")
+            except ProtocolError:
+                log.warning("ignored a round result on %s that this coordinator did not sign", message.topic)
+                return
+        self._retained_result = env
 
     def _resume(self, saved: dict[str, Any]) -> None:
         from safetensors.numpy import load_file
