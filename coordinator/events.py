@@ -149,7 +149,7 @@ class UpdateRejected(Event):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UpdatesCollected(Event):
-    """Collection closed: everyone selected answered, or the deadline passed."""
+    """Collection closed: everyone selected answered or was refused (a reject notice), or the deadline passed."""
 
     round: int
     attempt: int
