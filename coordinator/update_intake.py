@@ -30,10 +30,22 @@ from coordinator.weighting import cap_weight
 from flora.algorithms import ClientUpdate
 from flora.errors import ProtocolError, RejectReason
 from flora.protocol import Envelope, Topics, envelope_from_bytes
+from flora.protocol.envelope import check_id
 from flora.throttled_log import ThrottledLog
 from flora.transport import Message
 
-drops = ThrottledLog("coordinator.server")  # rejections: a flood of them must not flood the log
+drops = ThrottledLog("coordinator.server")
+
+
+def is_valid_id(node: str) -> bool:
+    try:
+        check_id(node, "node id")
+    except ProtocolError:
+        return False
+    return True
+
+
+# rejections: a flood of them must not flood the log
 
 # Refusals that say nothing about the node's answer to this round: it may still send the right one.
 NOT_FINAL = frozenset(
@@ -161,7 +173,7 @@ class UpdateIntake:
         """Tell `node` why (once per round), and drop it from the round when the refusal is final. With device
         keys, only an update whose signature verified can drop its node: on an open broker anyone can publish
         garbage on another node's topic, and that must not cost the real node its round."""
-        if exc.reason in NOT_FINAL:
+        if exc.reason in NOT_FINAL or not is_valid_id(node):  # a topic level no notice topic can be built for
             return
         if trusted and node in collected.selected and node not in collected.accepted:
             collected.dropped[node] = exc.reason.value
