@@ -36,7 +36,7 @@ class RunLifecycle:
             kind="status",
             run=self.config.run_id,
             sender=self.config.node_id,
-            data={"state": state, "role": "coordinator", "round": self.next_round - 1},
+            data={"state": state, "role": "coordinator", "round": self.history[-1].round if self.history else 0},
         )
         return Message(self.topics.status(self.config.node_id), self.auth.seal(env), retain=True)
 

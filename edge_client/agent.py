@@ -261,7 +261,9 @@ class EdgeAgent:
             )
             return True
         run_rank = data.get("rank")
-        if run_rank is not None and self.rank != run_rank and not (self.rank < run_rank and data.get("lower_rank_ok")):
+        if run_rank is None or self.rank is None:
+            return False
+        if self.rank != run_rank and not (self.rank < run_rank and data.get("lower_rank_ok")):
             self._tell_once(
                 ("rank", run_rank),
                 "cannot take part from round %d: this device trains at LoRA rank %d, the run's rank is %d%s; set "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 
 import pytest
 
 from coordinator.events import UpdatesCollected
 from coordinator.main import build_coordinator
-from tests.integration.helpers import client_configs, coordinator_config, stage_clients, start_agents
+from edge_client.main import build_agent
+from tests.integration.helpers import client_configs, coordinator_config, stage_clients
 
 pytestmark = pytest.mark.integration
 
@@ -37,8 +39,14 @@ def test_a_rank_mismatched_client_is_told_and_does_not_hold_the_round_open(
     )
     coordinator.start()
     full, weak = client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs)
+    # The weak device does not announce its rank (a protocol 1.1 client), so the coordinator cannot tell it apart
+    # before its update arrives: its update is what is refused.
+    agents = [build_agent(c, progress=False) for c in (full, dataclasses.replace(weak, lora_rank=4))]
+    agents[1].rank = None
+    threads = [threading.Thread(target=a.run, kwargs={"max_seconds": 120}, daemon=True) for a in agents]
     with caplog.at_level(logging.ERROR, logger="edge_client.agent"):
-        _, threads = start_agents([full, dataclasses.replace(weak, lora_rank=4)])
+        for t in threads:
+            t.start()
         try:
             report = coordinator.run()
         finally:
