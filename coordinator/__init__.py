@@ -20,6 +20,7 @@ _EXPORTS = {
     "EventBus": "coordinator.events",
     "Event": "coordinator.events",
     "RunStarted": "coordinator.events",
+    "RunResumed": "coordinator.events",
     "RoundStarted": "coordinator.events",
     "InstructionPublished": "coordinator.events",
     "UpdateAccepted": "coordinator.events",

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from flora.errors import StateError
-from flora.files import atomic_path, atomic_write_json
+from flora.files import atomic_path, atomic_write_json, prune_partial
 from flora.modeling.adapter import save_adapter_dir
 
 KEEP_ROUNDS = 2
@@ -31,6 +31,11 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.state_path = self.directory / "state.json"
 
+    def prune_leftovers(self) -> list[Path]:
+        """Remove what a kill during a checkpoint write left behind (a half-written adapter dir, a temporary
+        state file): nothing names them, and nothing else would ever remove them."""
+        return prune_partial(self.directory) + prune_partial(self.directory / "rounds")
+
     def load(self) -> dict[str, Any] | None:
         """The last complete checkpoint's state (with an absolute adapter_dir), or None if fresh."""
         if not self.state_path.is_file():
@@ -38,6 +43,10 @@ class CheckpointStore:
         fix = "restore it from a backup, or move the checkpoint directory away to start the run afresh"
         try:
             state = json.loads(self.state_path.read_text())
+        except OSError as exc:
+            raise StateError(
+                f"cannot read checkpoint {self.state_path}: {exc.strerror or exc}; check its permissions"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             # It is written atomically, so only the disk or a manual edit can have damaged it.
             raise StateError(f"checkpoint {self.state_path} is corrupt ({exc}); {fix}") from None
@@ -51,6 +60,15 @@ class CheckpointStore:
         state["adapter_dir"] = str(self.directory / state["adapter_dir"])
         if not (Path(state["adapter_dir"]) / "adapter_model.safetensors").is_file():
             raise StateError(f"checkpoint {self.state_path} names {state['adapter_dir']}, which is missing; {fix}")
+        rounds = [r.get("round") if isinstance(r, dict) else None for r in state.get("history", [])]
+        if rounds != list(range(1, state["round"] + 1)):
+            # Every round from 1 is recorded once, in order: a gap or a repeat means the file was edited or mixed
+            # with another run's, and resuming from it would publish a history that never happened.
+            shown = rounds if len(rounds) <= 12 else [*rounds[:5], "...", *rounds[-5:]]
+            raise StateError(
+                f"checkpoint {self.state_path} has round {state['round']} but its history records rounds {shown}, "
+                f"not 1 to {state['round']} in order; {fix}"
+            )
         return state
 
     def save(

@@ -44,6 +44,7 @@ __all__ = [
     "RoundStarted",
     "RunFailed",
     "RunFinished",
+    "RunResumed",
     "RunStarted",
     "UpdateAccepted",
     "UpdateRejected",
@@ -73,6 +74,17 @@ class RunStarted(Event):
     rounds_total: int
     report: RunReport  # the run so far: settings, initial evaluation, resumed rounds
     config: dict[str, Any]  # the coordinator's settings, JSON-able (paths as strings), secrets left out
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunResumed(Event):
+    """Emitted right after RunStarted when the run resumed after a checkpointed round: the outputs of that round
+    are written again, since a crash after state.json named it may have come before they were (kill -9 between
+    the checkpoint and RoundEnded's subscribers). The round's result is re-published after this."""
+
+    round: int  # the last checkpointed round
+    record: RoundRecord
+    report: RunReport
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -137,7 +149,7 @@ class UpdateRejected(Event):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class UpdatesCollected(Event):
-    """Collection closed: everyone selected answered, or the deadline passed."""
+    """Collection closed: everyone selected answered or was refused (a reject notice), or the deadline passed."""
 
     round: int
     attempt: int

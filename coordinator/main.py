@@ -19,6 +19,7 @@ from flora.transport import transport_for
 def build_coordinator(config: CoordinatorConfig, subscribers: Iterable[Any] = ()) -> Coordinator:
     """The coordinator the config describes; `subscribers` follow its events after the configured trackers."""
     trackers = [make_tracker(name, config) for name in config.trackers]  # a missing extra fails before loading
+    config.check_files()  # a missing ca_file, named, before minutes of model loading
     data = load_image_folder(config.eval_data_dir) if config.eval_data_dir else None
     clip = load_clip(config.model, device=config.device)
     evaluator = Evaluator(clip, get_recipe(config.recipe), data, template=config.prompt_template, seed=config.seed)

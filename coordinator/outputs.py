@@ -5,7 +5,8 @@
     metrics.png      accuracy, loss, participants, traffic, aggregation error per round (coordinator/plots.py)
 
 Each round is checkpointed before RoundEnded is emitted, so these files never claim a round that a
-restarted coordinator would not resume after.
+restarted coordinator would not resume after. A kill between the checkpoint and these writes leaves them a
+round behind: a restarted coordinator emits RunResumed and they are written again from the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from coordinator.events import RoundEnded, RunFinished
+from coordinator.events import RoundEnded, RunFinished, RunResumed
 from coordinator.plots import plot_metrics
 from flora.files import atomic_write_json
 from flora.modeling.adapter import save_adapter_dir
@@ -38,7 +39,13 @@ class ReportWriter:
         self.training = training  # written beside the adapter: export and infer use its prompt
 
     def on_round_ended(self, event: RoundEnded) -> None:
-        atomic_write_json(self.output_dir / "report.json", event.report.to_dict())
+        self._write(event.report)
+
+    def on_run_resumed(self, event: RunResumed) -> None:
+        self._write(event.report)  # the evaluator's model holds the resumed checkpoint's adapter
+
+    def _write(self, report: Any) -> None:
+        atomic_write_json(self.output_dir / "report.json", report.to_dict())
         extra = {TRAINING_INFO_FILE: self.training.to_dict()} if self.training is not None else None
         save_adapter_dir(
             self.peft_model, self.output_dir / "global_adapter", base_model=self.base_model, extra_json=extra
@@ -61,6 +68,9 @@ class MetricsPlot:
         final = event.record.round >= event.record.rounds_total
         if final or time.monotonic() - self._last_drawn >= self.interval_s:
             self.draw(event.report.to_dict())
+
+    def on_run_resumed(self, event: RunResumed) -> None:
+        self.draw(event.report.to_dict())
 
     def draw(self, report: dict[str, Any]) -> None:
         plot_metrics(report, self.path)

@@ -40,13 +40,18 @@ class Requirements:
     needs_4bit: bool = False
 
     def met_by(self, capabilities: dict[str, Any]) -> bool:
+        return self.why_not(capabilities) is None
+
+    def why_not(self, capabilities: dict[str, Any]) -> str | None:
         if self.needs_4bit and not capabilities.get("supports_4bit", False):
-            return False
+            return "no 4-bit support announced (require_4bit is on)"
         if self.min_memory_mb is not None:
             free = capabilities.get("gpu_memory_free_mb", capabilities.get("memory_free_mb"))
             if not isinstance(free, (int, float)) or free < self.min_memory_mb:
-                return False  # unknown memory counts as not enough: the requirement was asked for
-        return True
+                # unknown memory counts as not enough: the requirement was asked for
+                shown = "unknown" if not isinstance(free, (int, float)) else f"{free:.0f} MB"
+                return f"free memory {shown}, below min_client_memory_mb {self.min_memory_mb:.0f}"
+        return None
 
 
 @dataclass
@@ -56,6 +61,12 @@ class NodeInfo:
     capabilities: dict[str, Any] = field(default_factory=dict)
     recipe: str | None = None
     last_seen: float = 0.0
+    # 1.2 status fields (absent from older clients: then not compared)
+    rank: int | None = None
+    fingerprint: str | None = None
+    last_round_trained: int | None = None
+    instances: list[str] = field(default_factory=list)  # the last two process instances seen announcing this node
+    ineligible: str | None = None  # why it cannot take part, as last logged
 
 
 class Registry:
@@ -89,8 +100,29 @@ class Registry:
             info.capabilities = data["capabilities"]
         if "recipe" in data:
             info.recipe = data["recipe"]
+        info.rank = data.get("rank", info.rank)
+        info.fingerprint = data.get("model_fingerprint", info.fingerprint)
+        info.last_round_trained = data.get("last_round_trained", info.last_round_trained)
+        self._note_instance(info, data.get("instance"))
         info.last_seen = time.time()
         return info
+
+    def _note_instance(self, info: NodeInfo, instance: str | None) -> None:
+        """Statuses alternating between two process instances (a, b, a) are two devices with one node id: a
+        restart gives a new instance once, never the old one back."""
+        if instance is None or (info.instances and info.instances[-1] == instance):
+            return
+        if instance in info.instances:
+            log.warning(
+                f"duplicate {info.node}",
+                "node %s is announced by two processes in turn (instances %s): another device is using node_id %s "
+                "(a cloned SD card?); give each device its own node_id",
+                info.node,
+                " and ".join(info.instances),
+                info.node,
+            )
+            info.instances.remove(instance)
+        info.instances = [*info.instances[-1:], instance]
 
     def announced_examples(self, node: str) -> int | None:
         """The dataset size `node` announced in its status (capabilities `dataset_size`), if any."""
@@ -117,8 +149,15 @@ class Registry:
             newcomer,
         )
 
-    def online(self, recipe: str | None = None, requirements: Requirements | None = None) -> list[str]:
-        """Online nodes (sorted, so selection is reproducible) on `recipe` that meet `requirements`."""
+    def online(
+        self,
+        recipe: str | None = None,
+        requirements: Requirements | None = None,
+        *,
+        why_not: Callable[[NodeInfo], str | None] | None = None,
+    ) -> list[str]:
+        """Online nodes (sorted, so selection is reproducible) on `recipe` that meet `requirements` and for which
+        `why_not` (coordinator/eligibility.py) finds nothing."""
         return sorted(
             n.node
             for n in self.nodes.values()
@@ -126,11 +165,26 @@ class Registry:
             and n.node not in self.unconfirmed
             and (recipe is None or n.recipe in (None, recipe))
             and (requirements is None or requirements.met_by(n.capabilities))
+            and (why_not is None or why_not(n) is None)
         )
 
-    def candidates(self, recipe: str | None = None, requirements: Requirements | None = None) -> list[Candidate]:
+    def ineligible(self, why_not: Callable[[NodeInfo], str | None]) -> dict[str, str]:
+        """The online nodes `why_not` refuses, with its reasons."""
+        reasons = {n.node: why_not(n) for n in self.nodes.values() if n.state == "online"}
+        return {node: why for node, why in reasons.items() if why is not None}
+
+    def candidates(
+        self,
+        recipe: str | None = None,
+        requirements: Requirements | None = None,
+        *,
+        why_not: Callable[[NodeInfo], str | None] | None = None,
+    ) -> list[Candidate]:
         """The eligible nodes with their announced capabilities: what a strategy selects among."""
-        return [Candidate(node, self.nodes[node].capabilities) for node in self.online(recipe, requirements)]
+        return [
+            Candidate(node, self.nodes[node].capabilities)
+            for node in self.online(recipe, requirements, why_not=why_not)
+        ]
 
     @staticmethod
     def sample(candidates: list[Candidate], *, fraction: float, minimum: int, seed: int) -> list[str]:

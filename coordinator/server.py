@@ -8,6 +8,9 @@ with a fresh selection), evaluate, checkpoint atomically, publish the round resu
 Whatever only observes the run (report.json, metrics.png, the live view, trackers) subscribes to the
 events the loop emits (coordinator/events.py); the checkpoint stays a built-in step, before the round's
 result is published or any subscriber hears of it.
+
+Two halves live beside it, mixed into `Coordinator`: coordinator/lifecycle.py (start, resume, what is published
+between rounds) and coordinator/update_intake.py (taking a round's updates, answering refused ones).
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from coordinator.checkpoint import CheckpointStore
 from coordinator.config import CoordinatorConfig
+from coordinator.eligibility import Eligibility, summarize
 from coordinator.evaluation import Evaluator
 from coordinator.events import (
     Aggregated,
@@ -37,22 +39,23 @@ from coordinator.events import (
     RunFailed,
     RunFinished,
     RunStarted,
-    UpdateAccepted,
-    UpdateRejected,
     UpdatesCollected,
 )
-from coordinator.intake import EarlyUpdates, check_early_update, max_update_bytes
+from coordinator.intake import EarlyUpdates
+from coordinator.lifecycle import RunLifecycle, pct
 from coordinator.live_view import RoundView
 from coordinator.objective import objective_settings
 from coordinator.outputs import MetricsPlot, ReportWriter
 from coordinator.presence import PresenceCheck
-from coordinator.registry import MAX_STATUS_BYTES, Registry, Requirements, checked_selection
+from coordinator.registry import MAX_STATUS_BYTES, NodeInfo, Registry, Requirements, checked_selection
 from coordinator.signatures import Authenticator
-from coordinator.validation import validate_update
-from coordinator.weighting import cap_weight, round_update_metrics
+from coordinator.update_intake import UpdateIntake
+from coordinator.weighting import round_update_metrics
 from flora import __version__
 from flora.algorithms import AggregationErrorMeter, Strategy, Tensors
 from flora.errors import FloraError, ProtocolError, RejectReason
+from flora.modeling.fingerprint import model_fingerprint
+from flora.modeling.recipes import get_recipe
 from flora.modeling.training_info import TrainingInfo
 from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes
 from flora.records import RoundRecord, RunReport
@@ -64,11 +67,14 @@ log = logging.getLogger(__name__)
 drops = ThrottledLog(__name__)  # rejections: a flood of them must not flood the log
 
 
+EXPLAINED_LINES = 500  # "node X cannot take part" lines logged in full per run (a fleet's worth), then throttled
+
+
 class RoundFailed(FloraError):
     """A round stayed below quorum for every allowed attempt. The checkpoint is intact; rerun to resume."""
 
 
-class Coordinator:
+class Coordinator(RunLifecycle, UpdateIntake):
     def __init__(
         self,
         config: CoordinatorConfig,
@@ -85,6 +91,15 @@ class Coordinator:
         self.strategy = strategy
         self.topics = Topics(config.run_id)
         self.requirements = Requirements(config.min_client_memory_mb, config.require_4bit)
+        self.eligibility = Eligibility(
+            run_id=config.run_id,
+            recipe=config.recipe,
+            rank=get_recipe(config.recipe).rank,
+            accepts_lower_rank=strategy.accepts_lower_rank,
+            fingerprint=model_fingerprint(config.model),
+            model=config.model,
+            requirements=self.requirements,
+        )
         self.checkpoints = CheckpointStore(config.checkpoint_dir)
         self.auth = Authenticator(config)  # signs what we publish; verifies devices (when keys are configured)
         self.registry = Registry(is_known=self.auth.knows)  # bounded: unknown nodes are capped and evicted
@@ -98,6 +113,11 @@ class Coordinator:
         self._instruction: Message | None = None  # the open round's, re-published after a reconnect
         self._early = EarlyUpdates()  # updates for the next round that arrived before it opened
         self._open_round: int | None = None  # the round collecting updates, for UpdateRejected
+        self._resent_between_rounds = 0  # recovery re-sends that came while no round was open
+        self._echoes = 0  # our own statuses received back (start's barrier)
+        self._probing = False
+        self._explained = 0  # "cannot take part" lines logged
+        self._retained_result: Envelope | None = None  # a round result of this run id found on the broker at start
         self.events = EventBus()
         out = Path(config.output_dir)
         self.training = TrainingInfo(
@@ -114,67 +134,6 @@ class Coordinator:
             self.events.subscribe(subscriber)
 
     # -- setup and resume ----------------------------------------------------------------
-    def _coordinator_status(self, state: str) -> Message:
-        env = Envelope(
-            kind="status",
-            run=self.config.run_id,
-            sender=self.config.node_id,
-            data={"state": state, "role": "coordinator", "round": self.next_round - 1},
-        )
-        return Message(self.topics.status(self.config.node_id), self.auth.seal(env), retain=True)
-
-    def start(self) -> None:
-        if self._started:
-            return
-        self._started = True
-        # Checkpoint first, broker second: the Last Will registered at connect then names the right round.
-        saved = self.checkpoints.load()
-        if saved is None:
-            self.global_tensors = self.evaluator.initial_adapter()
-            self.initial = self.evaluator.evaluate(self.global_tensors)
-            log.info("fresh run %s; initial accuracy %s", self.config.run_id, _pct(self.initial))
-        else:
-            self._resume(saved)
-        self.transport.connect(will=self._coordinator_status("offline"))
-        self.transport.subscribe(self.topics.all_status, qos=1)
-        self.transport.subscribe(self.topics.all_updates, qos=1)
-        if self.next_round <= self.config.rounds:
-            # A run extended after it finished (more rounds) must not leave clients reading "finished".
-            self.transport.publish(Message(self.topics.instruction, b"", retain=True))
-        if saved is None:  # a fresh run on a reused broker: forget an earlier run's last round result
-            self.transport.publish(Message(self.topics.metrics, b"", retain=True))
-        self.transport.publish(self._coordinator_status("online"))
-        # Clients that announced before we subscribed are found even where retained statuses do not reach a
-        # wildcard subscription (RabbitMQ). Only discovery: a retained status is still believed at start, as a
-        # 1.0/1.1 client that announces once and never answers a presence request must still be found.
-        self._ask_presence("coordinator started", check=False)
-
-    def _ask_presence(self, why: str, *, check: bool = True) -> None:
-        """Ask every client of the run for a fresh status; with `check`, those that stay silent are counted
-        offline after presence_timeout_s (coordinator/presence.py)."""
-        env = Envelope(
-            kind="presence",
-            run=self.config.run_id,
-            sender=self.config.node_id,
-            data={"reply_within_s": self.config.presence_timeout_s},
-        )
-        if check:
-            self.presence.begin(env.msg_id, why)
-        self.transport.publish(Message(self.topics.presence, self.auth.seal(env), qos=1))
-
-    def _resume(self, saved: dict[str, Any]) -> None:
-        from safetensors.numpy import load_file
-
-        self.global_tensors = load_file(str(Path(saved["adapter_dir"]) / "adapter_model.safetensors"))
-        self.global_tensors = {k: v.astype(np.float32) for k, v in self.global_tensors.items()}
-        self.evaluator.load(self.global_tensors)
-        self.history = [RoundRecord.from_dict(r) for r in saved.get("history", [])]
-        self.initial = saved.get("initial")
-        self.rejections.update(saved.get("rejections", {}))
-        self.strategy.load_state_dict(self.checkpoints.load_strategy_state(saved))
-        self.next_round = int(saved["round"]) + 1
-        log.info("resumed run %s after round %d", self.config.run_id, saved["round"])
-
     # -- the template method -------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run every remaining round; returns the report as JSON-able values (RunReport.to_dict())."""
@@ -189,6 +148,8 @@ class Coordinator:
                     config=_public_settings(self.config),
                 )
             )
+            if self.history:  # resumed: the last round's outputs and result may not have been written
+                self._republish_last_round()
             while self.next_round <= self.config.rounds:
                 self.run_round(self.next_round)
                 self.next_round += 1
@@ -217,7 +178,7 @@ class Coordinator:
             else:
                 self._wait_for_clients()
                 seed = self.config.seed * 100_003 + round_ * 101 + attempt
-                candidates = self.registry.candidates(self.config.recipe, self.requirements)
+                candidates = self.registry.candidates(why_not=self._why_not)
                 default = self.registry.sample(
                     candidates,
                     fraction=self.config.clients_per_round_fraction,
@@ -238,7 +199,8 @@ class Coordinator:
             )
             bytes_down = self._publish_instruction(round_, selected)
             self.events.emit(InstructionPublished(round=round_, attempt=attempt, bytes_down=bytes_down))
-            updates, rejected, bytes_up = self._collect(round_, set(selected))
+            collected = self._collect(round_, set(selected))
+            updates, rejected, bytes_up = list(collected.accepted.values()), collected.rejected, collected.bytes_up
             quorum_met = len(updates) >= self.config.quorum
             self.events.emit(
                 UpdatesCollected(
@@ -286,7 +248,9 @@ class Coordinator:
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             seconds=time.monotonic() - started,
+            resent=collected.resent + self._resent_between_rounds,
         )
+        self._resent_between_rounds = 0
         self.history.append(record)
         checkpoint_started = time.monotonic()
         adapter_dir = self._checkpoint(round_)
@@ -301,7 +265,7 @@ class Coordinator:
             round_,
             len(updates),
             len(selected),
-            _pct(evaluation),
+            pct(evaluation),
             bytes_up,
             bytes_down,
             record.seconds,
@@ -318,6 +282,9 @@ class Coordinator:
             return None
         if message is not None and not message.payload:
             return None  # a cleared retained topic, not a message
+        if message is not None and message.topic == self.topics.metrics:
+            self._note_result(message)
+            return None
         if message is None or "/status/" not in message.topic:
             return message
         if len(message.payload) > MAX_STATUS_BYTES:  # before it is parsed: the registry keeps what it holds
@@ -341,26 +308,44 @@ class Coordinator:
             answers = env.data.get("answers") if isinstance(env.data, dict) else None
             self.presence.heard(env.sender, retained=message.retain, answers=answers)
             log.debug("node %s is %s", env.sender, info.state)
+            self._explain_eligibility(info)
+        elif env.run == self.config.run_id and env.sender == self.config.node_id:
+            self._echoes += 1  # our own status came back: everything the broker queued before it has arrived
         return None
 
-    def _announce_after_reconnect(self) -> None:
-        """After a broker restart: say we are online again, re-publish the open round's instruction (a broker
-        without persistence has forgotten the retained copy), and re-learn who is online: the statuses from
-        before the outage may be stale (a broker without persistence lost the Wills of nodes that died)."""
-        self.transport.publish(self._coordinator_status("online"))
-        if self._instruction is not None:
-            self.transport.publish(self._instruction)
-        self._ask_presence("reconnected to the broker")
+    def _explain_eligibility(self, info: NodeInfo) -> None:
+        """Log, once per change, that an online node cannot take part and why (and when it can again)."""
+        why = self._why_not(info) if info.state == "online" else None
+        if why == info.ineligible:
+            return
+        if why is not None:
+            # Each node once per change of reason; past EXPLAINED_LINES (an open broker's flood of made-up nodes
+            # flipping their fields) one line per interval, the rest counted.
+            self._explained += 1
+            line = "node %s is online but cannot take part in run %s: %s"
+            if self._explained <= EXPLAINED_LINES:
+                log.warning(line, info.node, self.config.run_id, why)
+            else:
+                drops.warning("ineligible", line, info.node, self.config.run_id, why)
+        elif info.ineligible is not None and info.state == "online":
+            log.info("node %s can take part in run %s now", info.node, self.config.run_id)
+        info.ineligible = why
+
+    def _why_not(self, info: NodeInfo) -> str | None:
+        return self.eligibility.why_not(info, self.next_round)
 
     def _wait_for_clients(self) -> None:
         deadline = time.monotonic() + self.config.wait_for_clients_s
         needed = self.config.min_available_clients
-        while len(self.registry.online(self.config.recipe, self.requirements)) < needed:
+        while len(self.registry.online(why_not=self._why_not)) < needed:
             if time.monotonic() > deadline:
-                eligible = len(self.registry.online(self.config.recipe, self.requirements))
+                eligible = len(self.registry.online(why_not=self._why_not))
+                refused = self.registry.ineligible(self._why_not)
+                also = f"; online but not eligible: {summarize(refused)}" if refused else ""
                 raise RoundFailed(
                     f"only {eligible} of {needed} required eligible clients came online "
-                    f"within {self.config.wait_for_clients_s:.0f}s; start more clients or lower min_available_clients"
+                    f"within {self.config.wait_for_clients_s:.0f}s{also}; start more clients, fix the ones named, "
+                    "or lower min_available_clients"
                 )
             message = self._pump(0.2)
             if message is not None:  # an update while no round is open
@@ -395,6 +380,9 @@ class Coordinator:
                 "selected": selected,
                 "deadline": time.time() + self.config.round_deadline_s,
                 "recipe": self.config.recipe,
+                "rank": self.eligibility.rank,  # 1.2: rank, lower_rank_ok and model_fingerprint let a client
+                "lower_rank_ok": self.eligibility.accepts_lower_rank,  # that cannot take part say why (§5.2)
+                **({"model_fingerprint": self.eligibility.fingerprint} if self.eligibility.fingerprint else {}),
                 "train": settings,
             },
             body=body,
@@ -405,139 +393,6 @@ class Coordinator:
         self._instruction = Message(self.topics.instruction, payload, qos=1, retain=True)
         self.transport.publish(self._instruction)
         return len(payload) * len(selected)  # what the selected clients download
-
-    def _collect(self, round_: int, selected: set[str]):
-        deadline = time.monotonic() + self.config.round_deadline_s
-        accepted: dict[str, Any] = {}
-        rejected: collections.Counter[str] = collections.Counter()
-        bytes_up = 0
-        early = self._early.take()
-        self._open_round = round_
-        try:
-            while len(accepted) < len(selected) and time.monotonic() < deadline:
-                message = early.pop(0) if early else self._pump(min(0.5, max(0.01, deadline - time.monotonic())))
-                if message is None:
-                    continue
-                bytes_up += self._take_update(message, round_, selected, accepted, rejected)
-        finally:
-            self._open_round = None
-        return list(accepted.values()), rejected, bytes_up
-
-    def _take_update(self, message: Message, round_: int, selected: set[str], accepted: dict, rejected) -> int:
-        """Check one update and fold it in (returns its bytes), or count its rejection (returns 0)."""
-        received_at = time.monotonic()
-        try:
-            env = envelope_from_bytes(message.payload)
-            verified = self.auth.check_update(message.payload, env, Topics.node_of(message.topic))
-            update = validate_update(
-                env,
-                topic_node=Topics.node_of(message.topic),
-                run_id=self.config.run_id,
-                round_=round_,
-                selected=selected,
-                already=set(accepted),
-                global_tensors=self.strategy.expected_update(self.global_tensors),
-                max_update_norm=self.config.max_update_norm,
-                payload_bytes=len(message.payload),
-                allow_lower_rank=self.strategy.accepts_lower_rank,
-            )
-            self.auth.check_binding(env, verified)
-        except ProtocolError as exc:
-            self._count_rejection(exc, message.topic, rejected)
-            return 0
-        update = cap_weight(update, self.registry, selected, self.config.max_weight_factor)
-        validated_at = time.monotonic()
-        self.strategy.accumulate(update)
-        aggregated_at = time.monotonic()
-        self.error_meter.add(update.tensors, update.num_examples)
-        # Keep who answered and their metrics, not their tensors: those are already folded into the
-        # strategy, and holding 500 updates' tensors would make memory grow with the fleet.
-        accepted[update.node] = dataclasses.replace(update, tensors={})
-        self.events.emit(
-            UpdateAccepted(
-                round=round_,
-                node=update.node,
-                num_examples=update.num_examples,
-                bytes=len(message.payload),
-                metrics=dict(update.metrics),
-                received_at=received_at,
-                validated_at=validated_at,
-                aggregated_at=aggregated_at,
-            )
-        )
-        return len(message.payload)
-
-    def _hold_or_reject(self, message: Message) -> None:
-        """An update before its round opened: keep it if it is for the round about to open (it was queued by
-        the broker while we were down, or answers an earlier attempt), otherwise reject it. It is checked
-        (identity, size, signature) before it is held, and held within a bound (coordinator/intake.py)."""
-        node = Topics.node_of(message.topic)
-        try:
-            env = envelope_from_bytes(message.payload)
-            check_early_update(
-                env,
-                topic_node=node,
-                run_id=self.config.run_id,
-                round_=self.next_round,
-                payload_bytes=len(message.payload),
-                max_bytes=max_update_bytes(self.strategy.expected_update(self.global_tensors)),
-            )
-            self.auth.check_update(message.payload, env, node)
-            self._early.hold(node, message)
-        except ProtocolError as exc:
-            self._count_rejection(exc, message.topic, collections.Counter())
-
-    def _count_rejection(self, exc: ProtocolError, topic: str, rejected: collections.Counter) -> None:
-        rejected[exc.reason.value] += 1
-        self.rejections[exc.reason.value] += 1
-        level = logging.ERROR if exc.reason is RejectReason.VERSION else logging.WARNING
-        kind = topic.rsplit("/", 2)[-2] if topic.count("/") >= 2 else ""  # "update" or "status": a bounded set
-        drops.log(level, f"{exc.reason.value} {kind}", "rejected message on %s: %s", topic, exc)
-        self.events.emit(
-            UpdateRejected(
-                round=self._open_round, topic=topic, node=Topics.node_of(topic), reason=exc.reason, detail=exc.detail
-            )
-        )
-
-    def _checkpoint(self, round_: int) -> Path:
-        """The round's adapter and state, atomically; returns the adapter directory."""
-        self.evaluator.load(self.global_tensors)
-        state = {
-            "run_id": self.config.run_id,
-            "history": [r.to_dict() for r in self.history],
-            "initial": self.initial,
-            "rejections": dict(self.rejections),
-            "registry": self.registry.snapshot(),
-            "toolkit_version": __version__,
-        }
-        return self.checkpoints.save(
-            round_, self.evaluator.model, state, base_model=self.config.model, strategy_state=self.strategy.state_dict()
-        )
-
-    def _publish_result(self, round_: int, record: RoundRecord) -> None:
-        env = Envelope(
-            kind="round_result",
-            run=self.config.run_id,
-            sender=self.config.node_id,
-            round=round_,
-            data=record.to_dict(),
-        )
-        self.transport.publish(Message(self.topics.metrics, self.auth.seal(env), retain=True))
-
-    def _publish_finished(self) -> None:
-        env = Envelope(
-            kind="finished",
-            run=self.config.run_id,
-            sender=self.config.node_id,
-            round=self.config.rounds,
-            data={"rounds": self.config.rounds},
-        )
-        payload = self.auth.seal(env)
-        # Replace the retained instruction so late joiners learn the run is over, not a stale round; it is also
-        # what a reconnect re-publishes from now on.
-        self._instruction = Message(self.topics.instruction, payload, retain=True)
-        self.transport.publish(self._instruction)
-        self.transport.publish(self._coordinator_status("finished"))
 
     # -- the report ----------------------------------------------------------------------
     def report(self) -> RunReport:
@@ -564,7 +419,3 @@ def _public_settings(config: CoordinatorConfig) -> dict[str, Any]:
             continue
         out[f.name] = str(value) if isinstance(value, Path) else value
     return out
-
-
-def _pct(evaluation: dict[str, Any] | None) -> str:
-    return "n/a" if not evaluation else f"{evaluation['accuracy'] * 100:.1f}%"

@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from typing import Any
 
 from edge_client.capabilities import detect_capabilities
 from edge_client.config import ClientConfig
 from edge_client.health import read_health
+from edge_client.identity import DeviceIdentity
 from edge_client.presence import PresenceReplies
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.algorithms import LocalDP
-from flora.errors import ProtocolError, RejectReason
+from flora.errors import ProtocolError, RejectReason, StorageError
+from flora.modeling.fingerprint import model_fingerprint
 from flora.modeling.lora_factors import fit_to_rank
 from flora.protocol import (
     Envelope,
@@ -62,10 +65,20 @@ class EdgeAgent:
         local_dp = LocalDP.from_settings(config.dp_clip_norm, config.dp_noise_multiplier)
         self.local_hooks = (local_dp,) if local_dp is not None else ()
         self.presence = PresenceReplies()  # answers to presence requests, rate-limited
+        # 1.2: announced in the status, so the coordinator can say why it cannot use this device (§5.1a).
+        self.instance = uuid.uuid4().hex[:12]  # this process: a second device with our node_id has another one
+        self.rank = int(self.trainer.recipe.rank)
+        self.fingerprint = model_fingerprint(config.model)
+        self.identity = DeviceIdentity(config.node_id, self.instance)
+        self._told: set[tuple] = set()  # mismatches already logged: each is said once, not per retained copy
 
     # -- messages we send ---------------------------------------------------------------
     def _status(self, state: str) -> Message:
-        data: dict[str, Any] = {"state": state, "last_round_trained": self.state.last_round_trained}
+        data: dict[str, Any] = {
+            "state": state,
+            "last_round_trained": self.state.last_round_trained,
+            "instance": self.instance,
+        }
         if state != "offline":
             data["capabilities"] = detect_capabilities(
                 self.trainer.clip.device,
@@ -74,6 +87,9 @@ class EdgeAgent:
                 configured_quantization=self.config.quantization,
             )
             data["recipe"] = self.config.recipe
+            data["rank"] = self.rank
+            if self.fingerprint is not None:
+                data["model_fingerprint"] = self.fingerprint
             data["health"] = read_health(self.config.state_dir, cuda_device=self.trainer.clip.device)
             if self.presence.last_request is not None:
                 data["answers"] = self.presence.last_request
@@ -96,6 +112,8 @@ class EdgeAgent:
         self.transport.subscribe(self.topics.metrics, qos=1)
         self.transport.subscribe(self.topics.instruction, qos=1)
         self.transport.subscribe(self.topics.presence, qos=1)  # 1.2: "publish your status now"
+        self.transport.subscribe(self.topics.notice(self.config.node_id), qos=1)  # 1.2: why an update was refused
+        self.transport.subscribe(self.topics.status(self.config.node_id), qos=1)  # 1.2: another device with our id?
         self._announce()
         log.info(
             "%s online in run %s with %d local examples",
@@ -131,10 +149,13 @@ class EdgeAgent:
             self.stop()
 
     def handle(self, message: Message) -> None:
-        """Act on one received message. Never raises: the specific checks name what is wrong, and anything
+        """Act on one received message. Never raises for a message's sake (only StorageError, for our own disk): the
+        specific checks name what is wrong, and anything
         they missed is logged here, so no message can stop the agent (or crash-loop it when retained)."""
         try:
             self._handle(message)
+        except StorageError:
+            raise  # our own disk, not the message: stop (the CLI prints the path and the fix) rather than run on
         except Exception as exc:  # the last line of defence, after the schema and signature checks
             log.error(
                 "dropped the message on %s: acting on it failed with %s: %s; the agent keeps running",
@@ -146,7 +167,11 @@ class EdgeAgent:
 
     def _handle(self, message: Message) -> None:
         if message.topic == RECONNECTED:
+            self.identity.reconnected()
             self._announce()  # our Will may have fired meanwhile
+            return
+        if message.topic == self.topics.status(self.config.node_id):
+            self.identity.saw_status(message.payload)
             return
         if not message.payload:
             return  # a cleared retained topic
@@ -164,7 +189,10 @@ class EdgeAgent:
         if env.kind in ("train", "finished") and message.topic != self.topics.instruction:
             log.warning("dropped %s published on %s, not the instruction topic", env.kind, message.topic)
             return
-        if self.coordinator_key is not None and env.kind in ("train", "finished", "round_result"):
+        if env.kind == "reject" and message.topic != self.topics.notice(self.config.node_id):
+            log.warning("dropped a reject notice published on %s, not this device's notice topic", message.topic)
+            return
+        if self.coordinator_key is not None and env.kind in ("train", "finished", "round_result", "reject"):
             try:
                 verify(message.payload, self.coordinator_key, signer="the coordinator")
             except ProtocolError as exc:
@@ -187,10 +215,24 @@ class EdgeAgent:
                 return
             self.presence.requested(env.msg_id)
             self.answer_presence_if_due()
+        elif env.kind == "reject":
+            self._on_reject(env, data)
         elif env.kind == "finished":
             if not self.finished:
                 log.info("run %s finished after round %s", env.run, env.round)
             self.finished = True
+
+    def _on_reject(self, env: Envelope, data: dict[str, Any]) -> None:
+        """The coordinator refused our update for a round and dropped us from it: say why, loudly, with the fix."""
+        if data["node"] != self.config.node_id:
+            return
+        log.error(
+            "round %s: the coordinator refused this device's update (%s: %s) and dropped it from the round; fix: %s",
+            env.round,
+            data["reason"],
+            data.get("detail", "no detail"),
+            data.get("fix", "see the coordinator's log"),
+        )
 
     def _saw_round(self, round_: int) -> None:
         """A round result for `round_`: the window moves, and an instruction held for being too far ahead is
@@ -206,6 +248,56 @@ class EdgeAgent:
             return False  # handle() verified it: any round the coordinator signed is genuine
         seen = max(self.round_seen, self.state.last_round_trained)
         return round_ > seen + self.config.max_round_ahead
+
+    def _tell_once(self, key: tuple, message: str, *args: Any) -> None:
+        if key not in self._told and len(self._told) < 1024:
+            self._told.add(key)
+            log.error(message, *args)
+
+    def _mismatch(self, round_: int, data: dict[str, Any]) -> bool:
+        """Whether this device cannot take part in the run the instruction describes; says why, once per cause.
+        Checked for every instruction, selected or not: the coordinator does not select a device it cannot use,
+        so checking only when selected would leave this side silent."""
+        recipe = data.get("recipe")
+        if recipe not in (None, self.config.recipe):
+            self._tell_once(
+                ("recipe", recipe),
+                "cannot take part from round %d: the run uses recipe %r but this device is configured for %r; "
+                "set recipe = %r in the client config",
+                round_,
+                recipe,
+                self.config.recipe,
+                recipe,
+            )
+            return True
+        theirs = data.get("model_fingerprint")
+        if theirs is not None and self.fingerprint is not None and theirs != self.fingerprint:
+            self._tell_once(
+                ("model", theirs),
+                "cannot take part from round %d: the coordinator's base model (fingerprint %s) is not this device's "
+                "model %s (fingerprint %s); install the run's checkpoint and set model to it",
+                round_,
+                theirs,
+                self.config.model,
+                self.fingerprint,
+            )
+            return True
+        run_rank = data.get("rank")
+        if run_rank is None or self.rank is None:
+            return False
+        if self.rank != run_rank and not (self.rank < run_rank and data.get("lower_rank_ok")):
+            self._tell_once(
+                ("rank", run_rank),
+                "cannot take part from round %d: this device trains at LoRA rank %d, the run's rank is %d%s; set "
+                "lora_rank = %d in the client config, or remove lora_rank",
+                round_,
+                self.rank,
+                run_rank,
+                "" if self.rank > run_rank else " and its strategy takes no lower rank",
+                run_rank,
+            )
+            return True
+        return False
 
     def _on_train(self, env: Envelope, data: dict[str, Any]) -> None:
         round_ = env.round
@@ -227,7 +319,7 @@ class EdgeAgent:
             return
         self._held = None  # the instruction topic keeps one message: the newest believed one supersedes a held one
         self.round_seen = max(self.round_seen, round_)
-        if self.config.node_id not in data["selected"]:
+        if self._mismatch(round_, data) or self.config.node_id not in data["selected"]:
             return
         if round_ <= self.state.last_round_trained:
             # Never train twice for one instruction; re-send the finished update if it was not acknowledged.
@@ -235,14 +327,17 @@ class EdgeAgent:
             if pending is not None:
                 log.info("re-sending the update for round %d", round_)
                 self._publish_update(pending)
-            return
-        if data.get("recipe") not in (None, self.config.recipe):
-            log.error(
-                "round %d uses recipe %r but this device is configured for %r; fix recipe in the client config",
-                round_,
-                data.get("recipe"),
-                self.config.recipe,
-            )
+            elif ("trained", round_) not in self._told:
+                self._told.add(("trained", round_))
+                log.warning(
+                    "ignoring the instruction for round %d: this device already trained round %d of run %s (%s). "
+                    "If the run was started again under the same run_id, give it a new run_id, or delete that file "
+                    "to train again",
+                    round_,
+                    self.state.last_round_trained,
+                    self.config.run_id,
+                    self.store.state_path,
+                )
             return
         # No deadline check here: device clocks drift; the coordinator decides what is late.
         try:

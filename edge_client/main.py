@@ -10,6 +10,7 @@ from edge_client.config import ClientConfig
 from edge_client.quantization import load_for_training
 from edge_client.trainer import LocalTrainer
 from flora.data.formats import load_local_data
+from flora.files import check_writable
 from flora.modeling.recipes import get_recipe
 from flora.transport import transport_for
 
@@ -23,6 +24,8 @@ def recipe_for(config: ClientConfig):
 
 
 def build_agent(config: ClientConfig, *, progress: bool = True) -> EdgeAgent:
+    config.check_files()  # a missing ca_file, named, before the model loads
+    check_writable(config.state_dir, f"state_dir {config.state_dir}")  # progress must survive a reboot
     data = load_local_data(config.data_dir, config.data_format)
     if data.skipped:
         log.warning("%d unreadable images skipped in %s", data.skipped, config.data_dir)

@@ -22,6 +22,11 @@ class StateError(FloraError):
     the fix; the CLI prints it as one line and exits 2, and nothing on disk is changed."""
 
 
+class StorageError(FloraError):
+    """A file or directory cannot be written (disk full, read-only, no permission). The message names the path and
+    the fix; the CLI prints it as one line and exits 2. Writes are atomic, so what was on disk before is intact."""
+
+
 class RejectReason(str, enum.Enum):
     """Why a message or an update was dropped. Counted per reason in the coordinator's metrics."""
 

@@ -45,6 +45,7 @@ class RoundRecord:
     participants: int = 0
     accepted: tuple[str, ...] = ()
     rejected: dict[str, int] = dataclasses.field(default_factory=dict)  # reason code -> count, this round
+    resent: int = 0  # copies of updates already accepted (recovery re-sends after a restart): not rejections
     accuracy: float | None = None  # held-out, after aggregation; None without evaluation data
     loss: float | None = None
     train_loss: float | None = None  # clients' train loss, weighted by their examples

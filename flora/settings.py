@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from pathlib import Path
 
 from flora.config import field
 from flora.errors import ConfigError
@@ -60,6 +61,20 @@ class NodeSettings:
         self.log_level = self.log_level.upper()
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+
+    def check_files(self) -> None:
+        """The TLS files this node names exist. Checked when a role starts (before it loads a model), not at config
+        load: `flora provision` builds configs naming files on another machine."""
+        if not self.broker_url.startswith("mqtts://"):
+            return
+        for name in ("ca_file", "cert_file", "key_file"):
+            value = getattr(self, name)
+            if value and not Path(value).is_file():
+                what = "the broker's CA certificate" if name == "ca_file" else "this node's certificate or key"
+                raise ConfigError(
+                    f"{name} {value} does not exist or is not a file; put {what} there "
+                    f"(deploy/mosquitto/make-certs.sh writes them), or set {name} to where it is"
+                )
 
     @property
     def logging_level(self) -> int:

@@ -53,3 +53,21 @@ def test_cli_reports_a_truncated_checkpoint_in_one_line(tmp_path, tiny_model_dir
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "state.json is corrupt" in errors[0] and "move the checkpoint directory" in errors[0]
+
+
+@pytest.mark.parametrize("rounds", [[1, 3], [1, 2, 2], [2, 3, 4], [1]])
+def test_a_history_that_is_not_rounds_1_to_n_is_refused(tmp_path, rounds):
+    (tmp_path / "rounds" / "000003").mkdir(parents=True)
+    (tmp_path / "rounds" / "000003" / "adapter_model.safetensors").write_bytes(b"")
+    state = {"round": 3, "adapter_dir": "rounds/000003", "history": [{"round": r} for r in rounds]}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    with pytest.raises(StateError, match=r"state\.json has round 3 but its history records rounds \[.*not 1 to 3"):
+        CheckpointStore(tmp_path).load()
+
+
+def test_a_contiguous_history_loads(tmp_path):
+    (tmp_path / "rounds" / "000002").mkdir(parents=True)
+    (tmp_path / "rounds" / "000002" / "adapter_model.safetensors").write_bytes(b"")
+    state = {"round": 2, "adapter_dir": "rounds/000002", "history": [{"round": 1}, {"round": 2}]}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert CheckpointStore(tmp_path).load()["round"] == 2

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
+from typing import Any
 
 from flora import __version__
 from flora.app.provision.fleet import FLEET_DEFAULTS
@@ -449,8 +452,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, docker stop, Kubernetes), raised where SIGINT raises KeyboardInterrupt: the roles' stops are
+    the same (offline status published, state saved, training in progress abandoned like on Ctrl-C)."""
+
+
+def _stop_on_sigterm() -> Any:
+    """Install the SIGTERM handler; returns the previous one (main restores it: main may run inside a test)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # only the main thread may set handlers; main() called from a thread keeps the default
+
+    def handler(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the graceful stop
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = _stop_on_sigterm()
+    try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
     _quiet_libraries()
     if args.command != "demo":
         _setup_logging("INFO")
@@ -467,6 +496,17 @@ def main(argv: list[str] | None = None) -> int:
             raise  # our own module is missing: a broken install, not a missing extra
         print(f"flora {args.command}: error: {hint}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from flora.files import ENVIRONMENT_ERRNOS, storage_error
+
+        if exc.errno not in ENVIRONMENT_ERRNOS or not exc.filename:
+            raise
+        # A write that did not go through flora.files (a library's own): the same one line, path and fix.
+        print(f"flora {args.command}: error: {storage_error(exc.filename, exc)}", file=sys.stderr)
+        return 2
+    except Terminated:
+        logging.getLogger("flora").info("flora %s stopped by SIGTERM", args.command)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         return 130
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.errors import ProtocolError, RejectReason
+from flora.files import os_error_of, storage_error
 from flora.modeling.recipes import LoraRecipe
 
 
@@ -75,11 +76,32 @@ def check_adapter_tensors(
         return
     for name, ref in expected.items():
         if tuple(received[name].shape) != tuple(ref.shape):
+            got_rank, want_rank = _rank_of(name, received[name].shape), _rank_of(name, ref.shape)
+            if got_rank is not None and got_rank != want_rank and _same_but_rank(name, received[name].shape, ref.shape):
+                # The shapes say which setting differs: name it, not the recipe (the recipe may well match).
+                raise ProtocolError(
+                    RejectReason.TENSOR_SHAPES,
+                    f"LoRA rank {got_rank}, the run's rank is {want_rank} ({name}: shape "
+                    f"{tuple(received[name].shape)}, expected {tuple(ref.shape)})",
+                )
             raise ProtocolError(
                 RejectReason.TENSOR_SHAPES,
                 f"{name}: shape {tuple(received[name].shape)}, expected {tuple(ref.shape)} "
-                "(client and coordinator must use the same recipe)",
+                "(client and coordinator must use the same recipe and base model)",
             )
+
+
+def _rank_of(name: str, shape: Any) -> int | None:
+    """The LoRA rank a factor's shape holds (A is [r, in], B is [out, r]); None for other tensors."""
+    shape = tuple(shape)
+    if len(shape) != 2:
+        return None
+    return shape[0] if ".lora_A." in name else shape[1] if ".lora_B." in name else None
+
+
+def _same_but_rank(name: str, got: Any, want: Any) -> bool:
+    got, want = tuple(got), tuple(want)
+    return len(got) == len(want) == 2 and (got[1] == want[1] if ".lora_A." in name else got[0] == want[0])
 
 
 def set_adapter_state(peft_model: Any, tensors: dict[str, Any]) -> None:
@@ -102,8 +124,11 @@ def save_adapter_dir(
     (e.g. flora_training.json: the prompt the adapter was trained with).
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise storage_error(out, exc) from exc
     try:
         if base_model is not None:
             peft_model.peft_config["default"].base_model_name_or_path = base_model
@@ -119,8 +144,11 @@ def save_adapter_dir(
         os.replace(tmp, out)
         if old.exists():
             shutil.rmtree(old)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        cause = os_error_of(exc) if isinstance(exc, Exception) else None
+        if cause is not None:
+            raise storage_error(out, cause) from exc
         raise
     return out
 

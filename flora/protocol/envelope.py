@@ -23,14 +23,14 @@ from typing import Any
 from flora.errors import ProtocolError, RejectReason
 
 MAGIC = b"FLRA"
-PROTOCOL_VERSION = "1.2"  # 1.1: client hooks; 1.2: presence, safe ids, class prompts (docs/PROTOCOL.md §9)
+PROTOCOL_VERSION = "1.2"  # 1.1: client hooks; 1.2: presence, reject notices, safe ids, class prompts (§9)
 # Bounded, yet room for a train instruction naming ~8,000 selected nodes of the longest (128-character) ids.
 MAX_HEADER_BYTES = 1024 * 1024
 
 # "chunk" is one piece of a message split to fit the broker's size limit (flora/protocol/chunking.py);
 # the chunking transport consumes chunks, so roles never see that kind. "presence" (1.2) asks every client of a
-# run to publish its status now (docs/PROTOCOL.md §5.7).
-KINDS = ("status", "train", "update", "round_result", "finished", "chunk", "presence")
+# run to publish its status now; "reject" (1.2) tells one node why its update was refused (docs/PROTOCOL.md §5.7, §5.8).
+KINDS = ("status", "train", "update", "round_result", "finished", "chunk", "presence", "reject")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 
 

@@ -32,6 +32,8 @@ MAX_ABS_NUMBER = 1e15  # an unknown numeric metric or capability beyond this is 
 MAX_LOSS = 1e6  # |train_loss|: far above any real loss, far below what overflows once weighted by 10^9 examples
 MAX_MEMORY_MB = 1e9  # a petabyte
 MAX_SELECTED = 100_000
+MAX_RANK = 65536
+MAX_NOTICE_CHARS = 512  # a reject notice's detail and fix
 
 _SOURCE = contextvars.ContextVar("schema_source", default="")  # who sent the message checked now, for log lines
 
@@ -96,6 +98,13 @@ def node_ids(value: Any) -> list[str]:
         except ProtocolError as exc:
             raise Rule(exc.detail) from None
     return list(value)
+
+
+def node_ids_one(value: Any) -> str:
+    try:
+        return check_id(value, "node id")
+    except ProtocolError as exc:
+        raise Rule(exc.detail) from None
 
 
 def pair_of(item: Check) -> Check:
@@ -275,6 +284,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "state": Field(text(32, ("online", "offline", "finished")), required=True),
         "last_round_trained": Field(integer(-1, MAX_ROUND)),
         "recipe": Field(text(128)),
+        "rank": Field(integer(1, MAX_RANK)),  # 1.2: the LoRA rank the device trains at
+        "model_fingerprint": Field(text(64)),  # 1.2: flora.modeling.fingerprint of its base checkpoint
+        "instance": Field(text(64)),  # 1.2: random per process: two at once under one node id are two devices
         "capabilities": Field(scalar_map(CAPABILITIES, strict=False, what="status capabilities")),
         "health": Field(scalar_map(HEALTH, strict=False, what="status health")),
         "answers": Field(text(64)),  # 1.2: msg_id of the last presence request this status answers (§5.7)
@@ -288,6 +300,9 @@ SCHEMAS: dict[str, dict[str, Field]] = {
         "selected": Field(node_ids, required=True),
         "deadline": Field(number(-1e12, 1e12)),
         "recipe": Field(text(128)),
+        "rank": Field(integer(1, MAX_RANK)),  # 1.2: the run's LoRA rank
+        "lower_rank_ok": Field(boolean),  # 1.2: the strategy takes updates of a lower rank
+        "model_fingerprint": Field(text(64)),  # 1.2: the coordinator's base checkpoint
         "train": Field(fields(TRAIN_SETTINGS, "train.data.train")),
     },
     "round_result": {
@@ -298,6 +313,12 @@ SCHEMAS: dict[str, dict[str, Field]] = {
     },
     "presence": {  # 1.2: "publish your status now"; the reply is rate-limited by the client, whatever this says
         "reply_within_s": Field(number(0, 3600)),
+    },
+    "reject": {  # 1.2: the coordinator tells one node why its update was refused (topic notice/{node})
+        "node": Field(node_ids_one, required=True),
+        "reason": Field(text(64), required=True),  # a RejectReason value; an unknown one is shown as it is
+        "detail": Field(text(MAX_NOTICE_CHARS)),
+        "fix": Field(text(MAX_NOTICE_CHARS)),
     },
 }
 

@@ -144,6 +144,11 @@ class Signer:
     def from_file(cls, path: str | Path) -> Signer:
         return cls(load_private_key(path))
 
+    @property
+    def public_key(self):
+        """The key that verifies what this signer signs (e.g. its own messages read back from the broker)."""
+        return self._key.public_key()
+
     def sign(self, env: Envelope) -> bytes:
         """The envelope's bytes with a `sig` in its header; the body is untouched."""
         unsigned = envelope_to_bytes(env)

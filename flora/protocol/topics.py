@@ -5,6 +5,7 @@ flora/v1/{run}/update/{node}      client -> coordinator        QoS 1
 flora/v1/{run}/status/{node}      any node's presence          retained, QoS 1, Last Will
 flora/v1/{run}/metrics            coordinator round results    retained, QoS 1
 flora/v1/{run}/presence           coordinator -> all clients   QoS 1, not retained (1.2): "publish your status"
+flora/v1/{run}/notice/{node}      coordinator -> one client    QoS 1 (1.2: why its update was refused)
 
 A message over the broker's size limit travels as chunks (flora/protocol/chunking.py): chunk i of n
 on `{topic}/chunk/{i}` for i < n - 1 and the last chunk on `{topic}` itself, so every retained chunk
@@ -53,6 +54,9 @@ class Topics:
     @property
     def all_status(self) -> str:
         return f"{ROOT}/{self.run}/status/+"
+
+    def notice(self, node: str) -> str:
+        return f"{ROOT}/{self.run}/notice/{check_id(node, 'node id')}"
 
     @property
     def metrics(self) -> str:

@@ -24,11 +24,14 @@ ACL_HEADER = """\
 # on {topic}/chunk/{i} (docs/PROTOCOL.md §2.1), so every rule has a chunk twin.
 
 # Every account may publish its own status and its own update (any run), and nothing else unless a
-# block below allows it: a device cannot speak for another device.
-pattern write flora/v1/+/status/%u
-pattern write flora/v1/+/status/%u/chunk/+
+# block below allows it: a device cannot speak for another device. It reads its own status (a second
+# device using its id shows there: docs/PROTOCOL.md §5.1) and the notices addressed to it (§5.8).
+pattern readwrite flora/v1/+/status/%u
+pattern readwrite flora/v1/+/status/%u/chunk/+
 pattern write flora/v1/+/update/%u
 pattern write flora/v1/+/update/%u/chunk/+
+pattern read flora/v1/+/notice/%u
+pattern read flora/v1/+/notice/%u/chunk/+
 """
 
 COORDINATOR_BLOCK = """
