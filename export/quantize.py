@@ -1,11 +1,17 @@
 """Reduced-precision copies of a validated fp32 ONNX file: int8 for CPU targets, fp16 for GPU targets.
 
-- int8: ONNX Runtime's dynamic quantization (weights QInt8 ahead of time, activations quantized
+- int8: ONNX Runtime's dynamic quantization (weights 8-bit ahead of time, activations quantized
   per batch at run time) of MatMul and Gemm, which hold nearly all of CLIP's weights. No
   calibration data is needed, which suits an export run on a server that has no device data.
   Weights get one scale per output channel: with one scale per tensor a few large channels (the
   text tower has some) crush the resolution of the rest. On the tiny test model (random adapter)
   per-channel raised the whole model's top-1 agreement with fp32 from about 94% to 99%.
+  Weights are QUInt8 (U8U8), not QInt8 (U8S8): on x86 CPUs without VNNI (AVX2 only, e.g. many AMD EPYC
+  VMs) ONNX Runtime computes U8S8 MatMulInteger with VPMADDUBSW, which saturates pairs of products at
+  int16, so full-range int8 weights give wrong sums there (tiny model: whole-model agreement 87%, vision
+  min cosine 0.98). The file is built once and run on CPUs we cannot know, so it must be right on all of
+  them. U8U8 has no such path; on a VNNI machine it scored the same as QInt8 (BENCHMARKS.md, quantizer
+  variants), where `reduce_range` (7-bit weights, the other documented remedy) lost accuracy.
   Schemes (INT8_SCHEMES), fastest first, each keeping more in fp32: `full` quantizes every such MatMul;
   `first-attention-fp32` keeps the first encoder layer's attention projections (q, k, v, out) in fp32,
   the layer that sees the raw patch/token embeddings, whose wide activation ranges suffer most from one
@@ -81,7 +87,7 @@ def quantize_int8(
     ]
     if keep_fp32 and not excluded:
         raise ValueError(f"keep_fp32={keep_fp32!r} matches no MatMul/Gemm node of {src}")
-    info = "dynamic int8: MatMul/Gemm weights QInt8 per channel, activations per batch"
+    info = "dynamic int8: MatMul/Gemm weights QUInt8 per channel, activations per batch"
     if excluded:
         info += f"; {len(excluded)} MatMul/Gemm kept fp32 ({', '.join(keep_fp32)})"
     scheme = next((name for name, keep in INT8_SCHEMES.items() if keep == keep_fp32), "custom")
@@ -91,7 +97,7 @@ def quantize_int8(
             quantize_dynamic(
                 str(src),
                 str(tmp),
-                weight_type=QuantType.QInt8,
+                weight_type=QuantType.QUInt8,  # not QInt8: it saturates on CPUs without VNNI (docstring)
                 op_types_to_quantize=["MatMul", "Gemm"],
                 per_channel=True,
                 nodes_to_exclude=excluded,

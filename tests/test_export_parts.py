@@ -209,3 +209,15 @@ def test_int8_can_keep_chosen_matmuls_in_fp32(full_export, tmp_path):
     assert "kept fp32" in meta["quantization"]
     with pytest.raises(ValueError, match="matches no MatMul"):
         quantize_int8(src, tmp_path / "none.onnx", keep_fp32=("no_such_layer/",))
+
+
+def test_int8_weights_are_unsigned_so_no_cpu_saturates_them(full_export):
+    # ONNX Runtime runs U8S8 MatMulInteger (int8 weights) on x86 CPUs without VNNI with VPMADDUBSW, whose
+    # int16 pair sums saturate: the same file is right on one machine and wrong on another. U8U8 is exact on all.
+    out, _ = full_export
+    for part in PARTS:
+        proto = onnx.load(str(out / PARTS[part].filename("int8")))
+        weights = {i.name: i.data_type for i in proto.graph.initializer}
+        matmuls = [n for n in proto.graph.node if n.op_type == "MatMulInteger"]
+        assert matmuls, part
+        assert all(weights[n.input[1]] == onnx.TensorProto.UINT8 for n in matmuls), part
