@@ -272,7 +272,9 @@ class MqttTransport(Transport):
             self._filters[topic_filter] = qos
         if self._connected.is_set():
             result, _ = self._client.subscribe(topic_filter, qos)
-            if result != mqtt.MQTT_ERR_SUCCESS:
+            # Dropped since the check (a broker restart, or a second device with our client id taking the session):
+            # the filter is kept above and sent again on the reconnect, as every filter is.
+            if result not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 raise TransportError(f"subscribe to {topic_filter!r} failed: {mqtt.error_string(result)}")
 
     def publish(self, message: Message, *, timeout: float | None = None) -> None:
