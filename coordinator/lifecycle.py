@@ -22,6 +22,7 @@ from flora.errors import ConfigError, ProtocolError
 from flora.files import check_writable, prune_partial
 from flora.protocol import Envelope, envelope_from_bytes
 from flora.protocol.signing import verify
+from flora.protocol.topics import ALL_RUNS_STATUS
 from flora.records import RoundRecord
 from flora.transport import Message
 
@@ -60,6 +61,7 @@ class RunLifecycle:
             self._resume(saved)
         self.transport.connect(will=self._coordinator_status("offline"))
         self.transport.subscribe(self.topics.all_status, qos=1)
+        self.transport.subscribe(ALL_RUNS_STATUS, qos=1)  # devices configured with another run id (other_runs.py)
         self.transport.subscribe(self.topics.all_updates, qos=1)
         if self.next_round <= self.config.rounds:
             # A run extended after it finished (more rounds) must not leave clients reading "finished".

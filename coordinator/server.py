@@ -45,6 +45,7 @@ from coordinator.intake import EarlyUpdates
 from coordinator.lifecycle import RunLifecycle, pct
 from coordinator.live_view import RoundView
 from coordinator.objective import objective_settings
+from coordinator.other_runs import OtherRuns
 from coordinator.outputs import MetricsPlot, ReportWriter
 from coordinator.presence import PresenceCheck
 from coordinator.registry import MAX_STATUS_BYTES, NodeInfo, Registry, Requirements, checked_selection
@@ -58,6 +59,7 @@ from flora.modeling.fingerprint import model_fingerprint
 from flora.modeling.recipes import get_recipe
 from flora.modeling.training_info import TrainingInfo
 from flora.protocol import Envelope, Topics, adapter_to_body, envelope_from_bytes
+from flora.protocol.topics import run_of_status_topic
 from flora.records import RoundRecord, RunReport
 from flora.throttled_log import ThrottledLog
 from flora.transport import Message, Transport
@@ -104,6 +106,7 @@ class Coordinator(RunLifecycle, UpdateIntake):
         self.auth = Authenticator(config)  # signs what we publish; verifies devices (when keys are configured)
         self.registry = Registry(is_known=self.auth.knows)  # bounded: unknown nodes are capped and evicted
         self.presence = PresenceCheck(self.registry, config.presence_timeout_s)  # re-learns who is online
+        self.other_runs = OtherRuns(config.run_id)  # devices announcing under another run id, to name them
         self.rejections: collections.Counter[str] = collections.Counter()
         self.history: list[RoundRecord] = []
         self.initial: dict[str, Any] | None = None
@@ -287,6 +290,10 @@ class Coordinator(RunLifecycle, UpdateIntake):
             return None
         if message is None or "/status/" not in message.topic:
             return message
+        topic_run = run_of_status_topic(message.topic)
+        if topic_run is not None and topic_run != self.config.run_id:
+            self._other_run_status(message, topic_run)
+            return None
         if len(message.payload) > MAX_STATUS_BYTES:  # before it is parsed: the registry keeps what it holds
             drops.warning("status size", "dropped a %d-byte status on %s", len(message.payload), message.topic)
             return None
@@ -305,6 +312,7 @@ class Coordinator(RunLifecycle, UpdateIntake):
             if not self.auth.status_ok(message.payload, env):
                 return None
             info = self.registry.update(env.sender, env.data)
+            self.other_runs.joined(env.sender)
             answers = env.data.get("answers") if isinstance(env.data, dict) else None
             self.presence.heard(env.sender, retained=message.retain, answers=answers)
             log.debug("node %s is %s", env.sender, info.state)
@@ -312,6 +320,17 @@ class Coordinator(RunLifecycle, UpdateIntake):
         elif env.run == self.config.run_id and env.sender == self.config.node_id:
             self._echoes += 1  # our own status came back: everything the broker queued before it has arrived
         return None
+
+    def _other_run_status(self, message: Message, topic_run: str) -> None:
+        """A status under another run id: only remembered to name the device if this run lacks clients."""
+        if len(message.payload) > MAX_STATUS_BYTES:
+            return
+        try:
+            env = envelope_from_bytes(message.payload)
+        except ProtocolError:
+            return  # not ours to judge: another run's coordinator counts it
+        if env.kind == "status" and env.run == topic_run and env.sender == Topics.node_of(message.topic):
+            self.other_runs.heard(env)
 
     def _explain_eligibility(self, info: NodeInfo) -> None:
         """Log, once per change, that an online node cannot take part and why (and when it can again)."""
@@ -342,6 +361,11 @@ class Coordinator(RunLifecycle, UpdateIntake):
                 eligible = len(self.registry.online(why_not=self._why_not))
                 refused = self.registry.ineligible(self._why_not)
                 also = f"; online but not eligible: {summarize(refused)}" if refused else ""
+                if self.other_runs.nodes:
+                    also += (
+                        f"; online under another run id: {self.other_runs.summary()} (set run_id = "
+                        f"{self.config.run_id!r} in the client config of those that belong to this run)"
+                    )
                 raise RoundFailed(
                     f"only {eligible} of {needed} required eligible clients came online "
                     f"within {self.config.wait_for_clients_s:.0f}s{also}; start more clients, fix the ones named, "

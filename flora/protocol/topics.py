@@ -30,6 +30,17 @@ CHUNK_LEVEL = "chunk"
 _CHUNK_TOPIC = re.compile(rf"^(.+)/{CHUNK_LEVEL}/(0|[1-9][0-9]{{0,8}})$")
 
 
+ALL_RUNS_STATUS = f"{ROOT}/+/status/+"  # every run's statuses: the coordinator names devices of another run
+
+
+def run_of_status_topic(topic: str) -> str | None:
+    """`flora/v1/{run}/status/{node}` -> run; None for any other topic."""
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != ROOT or parts[3] != "status":
+        return None
+    return parts[2]
+
+
 @dataclass(frozen=True)
 class Topics:
     run: str

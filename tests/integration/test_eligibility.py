@@ -134,3 +134,31 @@ def test_two_devices_with_one_node_id_are_told_so(tmp_path, mosquitto, tiny_mode
             for t in threads:
                 t.join(60)
     assert _messages(caplog, "another device is using node_id client-0")
+
+
+def test_a_device_configured_with_another_run_id_is_named_by_the_coordinator(
+    tmp_path, mosquitto, tiny_model_dir, digits, digits_split, test_folder, caplog
+):
+    train_idx, _ = digits_split
+    data_dirs = stage_clients(tmp_path, digits, train_idx, clients=2, per_client=20)
+    right, wrong = client_configs(tmp_path, tiny_model_dir, mosquitto.url, data_dirs)
+    wrong = dataclasses.replace(wrong, run_id="itest-typo")
+    config = coordinator_config(
+        tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=2, rounds=1, wait_for_clients_s=15.0
+    )
+    coordinator = build_coordinator(config)
+    coordinator.start()
+    with caplog.at_level(logging.INFO):
+        _, threads = start_agents([right, wrong], max_seconds=45)
+        try:
+            with pytest.raises(RoundFailed) as failed:
+                coordinator.run()
+            message = str(failed.value)
+            assert "only 1 of 2 required eligible clients came online" in message
+            assert "online under another run id: client-1 (run 'itest-typo')" in message
+            assert "set run_id = 'itest'" in message
+            logged = _messages(caplog, "is online in run 'itest-typo', not in this run 'itest'")
+            assert [line.split()[1] for line in logged] == ["client-1"]  # said once, not per status
+        finally:
+            for t in threads:
+                t.join(60)
