@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from flora.transport.base import TransportError
-from flora.transport.embedded import BrokerProcess, free_port, wait_for_port
+from flora.transport.embedded import BrokerProcess, free_port
 
 
 def mosquitto_binary() -> str:
@@ -104,7 +104,7 @@ class RabbitMqBroker(BrokerProcess):
             "mqtt.allow_anonymous = true\n"
             "log.console = true\nlog.file = false\n"
         )
-        self.env = {
+        env = {
             **os.environ,
             "HOME": str(workdir),  # its Erlang cookie goes here
             "RABBITMQ_NODENAME": f"flora-test-{port}@localhost",
@@ -117,24 +117,12 @@ class RabbitMqBroker(BrokerProcess):
             "RABBITMQ_LOG_BASE": str(workdir / "log"),
         }
         self.epmd_port = epmd
-        super().__init__([RABBITMQ_SERVER], host, port, log_path, workdir)
+        super().__init__([RABBITMQ_SERVER], host, port, log_path, workdir, env=env)
 
     def start(self, timeout: float = 90.0) -> RabbitMqBroker:
         if not os.access(RABBITMQ_SERVER, os.X_OK):
             raise TransportError("rabbitmq-server is not installed; `apt-get install rabbitmq-server` (Debian)")
-        out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        try:
-            self.proc = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env, cwd=self.workdir
-            )
-        finally:
-            if out is not subprocess.DEVNULL:
-                out.close()  # the child has its own copy
-        try:
-            wait_for_port(self.host, self.port, timeout, self.proc)
-        except TransportError:
-            self.stop()
-            raise
+        super().start(timeout)
         return self
 
     def _terminate(self) -> None:

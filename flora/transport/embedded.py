@@ -76,10 +76,12 @@ class BrokerProcess:
         log_path: Path | None,
         workdir: Path | None = None,
         scheme: str = "mqtt",
+        env: dict[str, str] | None = None,
     ):
         self.host, self.port, self.argv, self.scheme = host, port, argv, scheme
         self.log_path = log_path
         self.workdir = workdir
+        self.env = env  # the child's environment (None: ours)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -88,7 +90,13 @@ class BrokerProcess:
 
     def start(self, timeout: float = 20.0) -> BrokerProcess:
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=self.env, cwd=self.workdir
+            )
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()  # the child has its own copy
         try:
             wait_for_port(self.host, self.port, timeout, self.proc)
         except TransportError:
