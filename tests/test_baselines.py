@@ -222,3 +222,28 @@ def test_the_coordinator_refuses_to_start_a_run_whose_adapter_cannot_travel(tiny
     with pytest.raises(ConfigError, match="recipe 'fedfft' on this model sends 157,952 values per update"):
         build_coordinator(CoordinatorConfig(**config, recipe="fedfft", checkpoint_dir=tmp_path / "a"))
     build_coordinator(CoordinatorConfig(**config, recipe="linear-probe", checkpoint_dir=tmp_path / "b"))
+
+
+def test_a_baseline_exports_to_onnx_matching_pytorch(tiny_model_dir, tmp_path, digits):
+    """`flora export`'s pipeline on a whole-module adapter: merged, exported, validated, and stamped with its recipe."""
+    import onnx
+
+    from export.pipeline import export_and_validate
+
+    model = attach_lora(load_clip(tiny_model_dir).model, get_recipe("vision-head"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn_like(p))
+    adapter_dir = save_adapter_dir(model, tmp_path / "adapter", base_model=str(tiny_model_dir))
+    result = export_and_validate(
+        str(tiny_model_dir),
+        adapter_dir,
+        tmp_path / "onnx",
+        eval_data=digits.subset(range(64)),
+        prompt_template=TEMPLATE,
+    )
+    assert result.max_abs_diff <= 1e-4 and result.onnxruntime_accuracy == result.pytorch_accuracy
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "onnx" / "model.onnx")).metadata_props}
+    assert meta["recipe"] == "vision-head"
