@@ -7,6 +7,7 @@ from pathlib import Path
 
 from coordinator.objective import check_objective
 from flora.algorithms import make_strategy, strategy_class, strategy_names
+from flora.algorithms.registry import recipe_problem
 from flora.config import field, load_config
 from flora.errors import ConfigError
 from flora.modeling.recipes import get_recipe
@@ -103,6 +104,15 @@ class CoordinatorConfig(NodeSettings):
             make_strategy(self.strategy, self.strategy_params)
         except ValueError as exc:
             raise ConfigError(f"strategy_params: {exc}") from None
+        recipe = get_recipe(self.recipe)
+        problem = recipe_problem(self.strategy, recipe)
+        if problem:
+            raise ConfigError(problem)
+        if self.require_4bit and recipe.modules_to_save:
+            raise ConfigError(
+                f"require_4bit selects only 4-bit clients, and recipe {self.recipe!r} trains whole modules, which "
+                "a quantized base cannot: set require_4bit = false, or use a LoRA recipe"
+            )
         checks = [
             (self.rounds >= 1, "rounds must be >= 1"),
             (0 < self.clients_per_round_fraction <= 1, "clients_per_round_fraction must be in (0, 1]"),

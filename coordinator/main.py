@@ -11,8 +11,11 @@ from coordinator.server import Coordinator
 from coordinator.trackers import make_tracker
 from flora.algorithms import make_strategy
 from flora.data.datasets import load_image_folder
+from flora.errors import ConfigError
+from flora.modeling.adapter import adapter_parameters
 from flora.modeling.loading import load_clip
 from flora.modeling.recipes import get_recipe
+from flora.protocol.wire_settings import adapter_size_problem
 from flora.transport import transport_for
 
 
@@ -23,6 +26,11 @@ def build_coordinator(config: CoordinatorConfig, subscribers: Iterable[Any] = ()
     data = load_image_folder(config.eval_data_dir) if config.eval_data_dir else None
     clip = load_clip(config.model, device=config.device)
     evaluator = Evaluator(clip, get_recipe(config.recipe), data, template=config.prompt_template, seed=config.seed)
+    problem = adapter_size_problem(
+        adapter_parameters(evaluator.model), encoding=config.wire_encoding, recipe=config.recipe
+    )
+    if problem:  # every round's adapter would be refused by the clients: say so before the run starts
+        raise ConfigError(problem)
     transport = transport_for(config)
     strategy = make_strategy(config.strategy, config.strategy_params)
     return Coordinator(config, transport, evaluator, strategy, subscribers=[*trackers, *subscribers])

@@ -28,7 +28,8 @@ from edge_client.presence import PresenceReplies
 from edge_client.state import StateStore
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.algorithms import LocalDP
-from flora.errors import ProtocolError, RejectReason, StorageError
+from flora.errors import ConfigError, ProtocolError, RejectReason, StorageError
+from flora.modeling.adapter import adapter_parameters
 from flora.modeling.fingerprint import model_fingerprint
 from flora.modeling.lora_factors import fit_to_rank
 from flora.protocol import (
@@ -40,6 +41,7 @@ from flora.protocol import (
 )
 from flora.protocol.schema import check_data
 from flora.protocol.signing import Signer, load_public_key, seal, verify
+from flora.protocol.wire_settings import adapter_size_problem
 from flora.transport import Message, Transport
 from flora.transport.base import RECONNECTED
 
@@ -68,6 +70,11 @@ class EdgeAgent:
         # 1.2: announced in the status, so the coordinator can say why it cannot use this device (§5.1a).
         self.instance = uuid.uuid4().hex[:12]  # this process: a second device with our node_id has another one
         self.rank = int(self.trainer.recipe.rank)
+        problem = adapter_size_problem(
+            adapter_parameters(self.trainer.model), encoding=config.wire_encoding, recipe=config.recipe
+        )
+        if problem:  # the coordinator would refuse every update: say so before joining
+            raise ConfigError(problem)
         self.fingerprint = model_fingerprint(config.model)
         self.identity = DeviceIdentity(config.node_id, self.instance)
         self._told: set[tuple] = set()  # mismatches already logged: each is said once, not per retained copy

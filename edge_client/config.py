@@ -105,10 +105,16 @@ class ClientConfig(NodeSettings):
         if self.autocast not in AUTOCAST_MODES:
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
         LocalDP.from_settings(self.dp_clip_norm, self.dp_noise_multiplier)
-        if self.lora_rank is not None and not 1 <= self.lora_rank <= get_recipe(self.recipe).rank:
-            top = get_recipe(self.recipe).rank
-            raise ConfigError(f"lora_rank must be between 1 and the recipe's rank {top}, got {self.lora_rank}")
-        get_recipe(self.recipe)
+        recipe = get_recipe(self.recipe)
+        if self.lora_rank is not None and not recipe.has_lora:
+            raise ConfigError(f"lora_rank: recipe {self.recipe!r} has no LoRA layers; remove lora_rank")
+        if self.lora_rank is not None and not 1 <= self.lora_rank <= recipe.rank:
+            raise ConfigError(f"lora_rank must be between 1 and the recipe's rank {recipe.rank}, got {self.lora_rank}")
+        if self.quantization != "none" and recipe.modules_to_save:
+            raise ConfigError(
+                f"recipe {self.recipe!r} trains whole modules, which a quantized base cannot: set quantization = "
+                '"none", or use a LoRA recipe (such as "paper") on the quantized base'
+            )
 
 
 def load_client_config(path: str | Path | None = None, **overrides) -> ClientConfig:

@@ -1,4 +1,5 @@
-"""The local training loop: one round of LoRA training on this device's data.
+"""The local training loop: one round of training the recipe's adapter (LoRA factors, or the whole modules a
+baseline recipe trains) on this device's data.
 
 Read it top to bottom: load the global adapter, run `local_epochs` of the model family's loss (CLIP: contrastive)
 between each image and its text (its class prompt, or its caption), return the new adapter tensors
@@ -492,7 +493,7 @@ class LocalTrainer:
         calibration = self.calibration(text_index, len(texts), settings.logit_calibration) if every_text else None
         every_text = text_index if every_text else None
         for name, param in self.model.named_parameters():
-            if "lora_" in name:
+            if "lora_" in name:  # hooks choose among LoRA factors (FFA-LoRA: not A); whole modules always train
                 param.requires_grad = all(hook.trains(name) for hook in hooks)
         trainable = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         params = list(trainable.values())

@@ -26,8 +26,10 @@ def file_sha256(path: str | Path) -> str:
 def recipe_name(adapter_config: dict[str, Any]) -> str:
     """The registered recipe this adapter was built from, or 'custom' if none matches exactly."""
     for name, recipe in RECIPES.items():
+        config = recipe.to_lora_config()  # as PEFT wrote it: target_modules of a recipe without LoRA is PEFT's dummy
         if (
-            adapter_config.get("target_modules") == recipe.target_modules
+            adapter_config.get("target_modules") == config.target_modules
+            and sorted(adapter_config.get("modules_to_save") or []) == sorted(config.modules_to_save or [])
             and adapter_config.get("r") == recipe.rank
             and float(adapter_config.get("lora_alpha", -1)) == recipe.alpha
         ):

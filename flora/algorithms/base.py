@@ -77,6 +77,7 @@ def class_path(cls: type) -> str:
 class Strategy(abc.ABC):
     name: str = ""
     accepts_lower_rank: bool = False  # clients may send LoRA factors of a rank below the global one
+    needs_lora_factors: bool = False  # acts on LoRA's A and B: a recipe without LoRA layers is refused with it
 
     # -- before the round --------------------------------------------------------------------
     def select(self, candidates: list[Candidate], *, round_: int, rng_seed: int, default: list[str]) -> list[str]:

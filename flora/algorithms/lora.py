@@ -24,7 +24,7 @@ from flora.algorithms.base import ClientHook, ClientUpdate, HookSpec, Strategy
 from flora.algorithms.fedavg import FedAvg
 from flora.algorithms.registry import register_client_hook, register_strategy
 from flora.algorithms.tensor_math import Tensors
-from flora.modeling.lora_factors import A_MARK, B_MARK, lora_pairs
+from flora.modeling.lora_factors import A_MARK, lora_pairs
 
 
 def naive_aggregation_error(Bs: Sequence[np.ndarray], As: Sequence[np.ndarray], weights: Sequence[float]) -> float:
@@ -121,11 +121,14 @@ class AggregationErrorMeter:
 class FFALoRA(FedAvg):
     """Freeze A (shared seed), average only B: exact aggregation and half the upload."""
 
+    needs_lora_factors = True
+
     def client_hooks(self) -> list[HookSpec]:
         return [{"name": "ffa_lora", "params": {}}]
 
     def expected_update(self, global_tensors: Tensors) -> Tensors:
-        return {k: v for k, v in global_tensors.items() if B_MARK in k}
+        # Everything the client hook sends: all but A (B, and any module a recipe trains whole).
+        return {k: v for k, v in global_tensors.items() if A_MARK not in k}
 
 
 @register_client_hook("ffa_lora")
@@ -150,6 +153,7 @@ class SVDLoRA(Strategy):
     """
 
     accepts_lower_rank = True  # validation checks rank <= global rank instead of equality
+    needs_lora_factors = True
 
     def begin(self, round_: int, global_tensors: Tensors) -> None:
         self.global_tensors = global_tensors

@@ -138,6 +138,16 @@ def _construct(factory: Callable[..., Any], label: str, params: Mapping[str, Any
     return factory(**params)
 
 
+def recipe_problem(name: str, recipe: Any) -> str | None:
+    """Why strategy `name` cannot run recipe `recipe` (a flora.modeling.recipes.LoraRecipe), or None."""
+    if strategy_class(name).needs_lora_factors and not recipe.has_lora:
+        return (
+            f"strategy {name!r} acts on LoRA factors, and recipe {recipe.name!r} has none (it trains whole "
+            "modules); use a strategy that averages any tensor (fedavg, fedavgm, fedprox, ...) or a LoRA recipe"
+        )
+    return None
+
+
 def make_strategy(name: str, params: Mapping[str, Any] | None = None) -> Strategy:
     """Build `name` with `params`; `clip_norm` adds norm clipping, plus `noise_multiplier` central DP.
 

@@ -13,16 +13,33 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from flora.errors import ProtocolError, RejectReason
+from flora.errors import ConfigError, ProtocolError, RejectReason
 from flora.files import os_error_of, storage_error
 from flora.modeling.recipes import LoraRecipe
 
 
 def attach_lora(model: Any, recipe: LoraRecipe, *, seed: int = 0):
-    """Wrap `model` in a PeftModel. A fixed seed gives every party the same initial A matrices."""
+    """Wrap `model` in a PeftModel. A fixed seed gives every party the same initial A matrices.
+
+    A recipe's `modules_to_save` must all exist, and be full precision: PEFT silently trains nothing for a name
+    the model lacks, and a quantized module's copy cannot be trained."""
     import torch
     from peft import get_peft_model
 
+    from flora.modeling.kbit import is_quantized
+
+    modules = dict(model.named_modules())
+    absent = [name for name in recipe.modules_to_save if name not in modules]
+    if absent:
+        raise ConfigError(
+            f"recipe {recipe.name!r} trains module(s) {absent} whole, which this {type(model).__name__} does not "
+            "have; choose a recipe made for this model family (flora.modeling.recipes)"
+        )
+    if recipe.modules_to_save and is_quantized(model):
+        raise ConfigError(
+            f"recipe {recipe.name!r} trains whole modules, which a quantized base cannot: set quantization = "
+            '"none" (LoRA recipes such as "paper" train on a 4-bit or 8-bit base)'
+        )
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
@@ -39,6 +56,13 @@ def get_adapter_state(peft_model: Any) -> dict[str, Any]:
 
     state = get_peft_model_state_dict(peft_model)
     return {name: t.detach().to("cpu", torch.float32).clone() for name, t in sorted(state.items())}
+
+
+def adapter_parameters(peft_model: Any) -> int:
+    """How many values the adapter's tensors hold (what an update carries), without copying them."""
+    from peft import get_peft_model_state_dict
+
+    return sum(t.numel() for t in get_peft_model_state_dict(peft_model).values())
 
 
 def lower_rank_of(expected: dict[str, Any], received: dict[str, Any]) -> int | None:

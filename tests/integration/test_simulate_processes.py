@@ -32,3 +32,20 @@ def test_a_cell_runs_with_each_client_in_its_own_process(tmp_path, mosquitto, di
     in_process = json.loads(twin.read_text())
     assert in_process["test_accuracy"] == pytest.approx(row["test_accuracy"], abs=0.02)
     assert in_process["validation_accuracy_per_round"] == pytest.approx(row["validation_accuracy_per_round"], abs=0.02)
+
+
+def test_a_full_fine_tuning_cell_runs_over_the_embedded_broker_from_a_fresh_out_dir(tmp_path, digits):
+    """The default broker (embedded, its log under out/work, which does not exist yet) and an adapter of 632 KB,
+    over max_message_bytes: every instruction and update goes as chunks between real processes."""
+    dataset = write_image_folder(digits.subset(range(200)), tmp_path / "digits-200")
+    out = tmp_path / "grid"
+    config = tmp_path / "experiment.toml"
+    config.write_text(
+        f'name = "fedfft"\nout = "{out}"\ndataset = "{dataset}"\nclients = 2\nrounds = 1\nbatch_size = 16\n'
+        'recipes = ["fedfft"]\nsplits = ["iid"]\nstrategies = ["fedavg"]\nobjectives = ["class-prompts"]\nseeds = [0]\n'
+    )
+    assert main(["simulate", "--config", str(config), "--processes"]) == 0
+    (cell,) = (out / "cells").glob("*.json")
+    row = json.loads(cell.read_text())
+    assert row["trainable_parameters"] == 157_952 and row["bytes_per_update"] > 120_000  # over one MQTT message
+    assert row["bytes_per_round"] > 4 * row["bytes_per_update"]  # two clients, each way

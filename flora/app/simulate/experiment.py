@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 from flora.algorithms import make_strategy
+from flora.algorithms.registry import recipe_problem
 from flora.config import field, load_config
 from flora.errors import ConfigError
 from flora.modeling.recipes import get_recipe
@@ -49,7 +50,10 @@ class ExperimentConfig:
     threads: int = field(
         1, help="torch CPU threads; 1 on a shared machine, where a second OpenMP thread stalls on a busy core"
     )
-    recipes: list[str] = field(factory=lambda: ["paper"], help="LoRA recipes (flora.modeling.recipes)")
+    recipes: list[str] = field(
+        factory=lambda: ["paper"],
+        help="recipes (flora.modeling.recipes): LoRA ones, or the baselines fedfft, linear-probe, vision-head",
+    )
     splits: list[str] = field(
         factory=lambda: ["iid", "dirichlet-0.1"],
         help="iid, dirichlet-BETA, pathological-K, few-shot-K, or centralized (one client holding all the data: "
@@ -79,6 +83,10 @@ class ExperimentConfig:
                 make_strategy(strategy_name(strategy), self.params_of(strategy))
             except ValueError as exc:
                 raise ConfigError(f"strategies: {strategy}: {exc}") from None
+            for recipe in self.recipes:  # a cell that cannot run is refused now, not an hour into the grid
+                problem = recipe_problem(strategy_name(strategy), get_recipe(recipe))
+                if problem:
+                    raise ConfigError(f"strategies x recipes: {problem}")
         for objective in self.objectives:
             if objective not in OBJECTIVES:
                 raise ConfigError(f"objectives: {objective!r} is not one of {', '.join(OBJECTIVES)}")

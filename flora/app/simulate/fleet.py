@@ -21,7 +21,7 @@ from flora.modeling.adapter import attach_lora
 from flora.modeling.kbit import prepare_quantized_for_training
 from flora.modeling.loading import load_clip
 from flora.modeling.recipes import LoraRecipe
-from flora.transport import connect_transport
+from flora.transport import transport_for
 
 
 class VirtualFleet:
@@ -66,7 +66,8 @@ class VirtualFleet:
                 cache_dir=None,  # image embeddings stay in memory: nothing to keep across a simulated reboot
                 shared_model=shared,
             )
-            transport = connect_transport(broker_url, config.node_id)
+            # Chunking, as `flora client` has it: a large adapter (fedfft) comes as chunks over max_message_bytes.
+            transport = transport_for(config)
             self.agents.append(EdgeAgent(config, transport, trainer))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

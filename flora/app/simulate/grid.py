@@ -57,6 +57,7 @@ def run_grid(
 
     out = Path(exp.out)
     (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "work").mkdir(exist_ok=True)  # the embedded broker's log goes there before any cell writes to it
     cells = exp.cells()
     done = finished_rows(out)
     todo = [c for c in cells if c.key not in done]
