@@ -52,6 +52,7 @@ def assert_same_model(a, b, same_source: bool = True):
     if not same_source:
         config_a.pop("_name_or_path"), config_b.pop("_name_or_path")
     assert config_a == config_b
+    assert (a.name_or_path == b.name_or_path) == same_source
 
 
 @pytest.mark.parametrize("quantization", ["4bit", "8bit"])
