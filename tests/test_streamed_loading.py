@@ -94,6 +94,20 @@ def test_a_bin_checkpoint_loads_the_ordinary_way(tiny_model_dir, tmp_path):
     )
 
 
+def test_a_failing_stream_falls_back_to_transformers_load_with_a_warning(tiny_model_dir, monkeypatch, caplog):
+    """A transformers release that stops taking lazy slices must cost memory, not the quantized base."""
+    import flora.modeling.streamed as streamed
+
+    def incompatible(*args, **kwargs):
+        raise AttributeError("'builtins.PySafeSlice' object has no attribute 'is_floating_point'")
+
+    monkeypatch.setattr(streamed, "load_streamed", incompatible)
+    with caplog.at_level("WARNING", logger="flora.modeling.loading"):
+        clip = load_clip(tiny_model_dir, quantization="4bit")
+    assert "could not stream" in caplog.text and "is_floating_point" in caplog.text
+    assert_same_model(clip.model, plain_load(tiny_model_dir, "4bit"))
+
+
 # In a fresh process: the peak resident set of one 4-bit load, above what the loaded model keeps (the process's
 # RSS after the load, its freed heap handed back), in MB. `streamed` picks the toolkit's load or transformers'.
 PEAK_ABOVE_MODEL = textwrap.dedent(

@@ -94,7 +94,17 @@ def _from_pretrained(family: ModelFamily, name: str, *, stream: bool, **kwargs: 
         from flora.modeling.streamed import checkpoint_files, load_streamed
 
         files = checkpoint_files(name)
-        model = load_streamed(family.model_class(), name, files, **kwargs) if files else None
+        try:
+            model = load_streamed(family.model_class(), name, files, **kwargs) if files else None
+        except Exception as exc:  # e.g. a transformers release that no longer takes lazy slices as a state_dict
+            log.warning(
+                "could not stream %s into from_pretrained (%s: %s); loading it through transformers' memory map "
+                "instead, which holds the whole file at the load's peak",
+                name,
+                type(exc).__name__,
+                exc,
+            )
+            model = None  # a fault of the checkpoint itself shows again, and is reported, by the ordinary load
         if model is not None:
             return model, AutoProcessor.from_pretrained(name), False
     return (*family.from_pretrained(name, **kwargs), True)
