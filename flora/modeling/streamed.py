@@ -3,14 +3,17 @@
 transformers quantizes on load (`from_pretrained(..., quantization_config=...)`) one tensor at a time already,
 but it reads a safetensors checkpoint through a memory map: every page the quantizer reads stays mapped and
 resident until the load ends, and the weights it leaves unquantized (embeddings, LayerNorms) stay views of the
-map after it. A load therefore peaks at about the runtime plus the whole file plus the quantized model: 2.5 GB
-for CLIP ViT-L/14 stored in float32 (1.7 GB file), against ~0.8 GB for everything the 4-bit model keeps.
+map after it. A load therefore peaks at the runtime plus the whole file plus the quantized model, or more: 2.5-3.8
+GB for CLIP ViT-L/14 stored in float32 (1.7 GB file), against ~0.8 GB for everything the 4-bit model keeps.
 
 `streamed_checkpoint` gives transformers the same lazy tensor slices it builds itself, from safetensors'
 `safe_open`, but opened with `backend="pread"`: each slice is read from the file into memory of its own only
 when transformers materializes it, which it does one tensor at a time, and quantizes (sync, no thread pool, for
 on-the-fly quantization), so a float tensor is freed before the next is read. The slices are handed over through
-`from_pretrained(None, config=..., state_dict=...)`, the public way to load from tensors one already has. It is
+`from_pretrained(None, config=..., state_dict=...)`, the public way to load from tensors one already has
+(documented for tensors: lazy slices work because transformers materializes every value with `value[...]`, as
+it does its own; should a release stop accepting them, `flora.modeling.loading` falls back to the mapped load
+with a warning, and tests/test_streamed_loading.py fails). It is
 the same loader, quantizer and key handling as a load from the directory, only the bytes arrive by `pread`
 instead of page faults, so the result is bit for bit the same (tests/test_streamed_loading.py). transformers
 itself opens checkpoints with `backend="pread"` where mmap is a bad fit (Windows, MPS), so the pair is exercised
@@ -19,7 +22,7 @@ upstream.
 One more thing bounds the peak: the C heap. Freed float tensors go back to glibc's heap, not to the OS (its
 mmap threshold rises to the largest block freed, so after the first big tensor the others come from the heap,
 where quantized weights allocated in between pin them). Measured on ViT-L/14: 1.67 GB peak with pread alone,
-0.9 GB when each read first trims the heap (`flora.heap.release_freed_memory`, without a garbage collection:
+0.9 GB when each large read first trims the heap (`flora.heap.release_freed_memory`, without a garbage collection:
 what is freed here is freed by reference count), which is what `_TrimmingSlice` does.
 
 Why not the alternatives: dropping pages of the map with madvise as transformers goes needs a hook inside its
