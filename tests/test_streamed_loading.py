@@ -68,6 +68,19 @@ def test_a_streamed_quantized_load_equals_transformers_load_bit_for_bit(tiny_mod
     assert_same_model(load_clip(tiny_model_dir, quantization=quantization).model, reference)  # the toolkit's entry
 
 
+def test_another_family_streams_the_same_way(tmp_path):
+    """SigLIP: the family's own model class, through the same streamed path."""
+    from transformers import SiglipModel
+
+    from flora.modeling.tiny import write_tiny_siglip
+
+    model_dir = write_tiny_siglip(tmp_path / "siglip")
+    reference = SiglipModel.from_pretrained(str(model_dir), quantization_config=quantization_config("4bit"))
+    loaded = load_clip(model_dir, quantization="4bit")
+    assert loaded.family.name == "siglip"
+    assert_same_model(loaded.model, reference)
+
+
 def test_a_sharded_checkpoint_streams_every_shard(tiny_model_dir, tmp_path):
     sharded = tmp_path / "sharded"
     CLIPModel.from_pretrained(str(tiny_model_dir)).save_pretrained(sharded, max_shard_size="100KB")
