@@ -27,7 +27,12 @@ Variants, each in its own fresh Python process, one after the other (so each pea
 - vitl14_paper_cached_4bit: paper_cached_4bit on CLIP ViT-L/14 dimensions (vision 1024 wide, 24 layers, 16
   heads, patch 14; text 768 wide, 12 layers; projection 768: 427.6M parameters), random weights written with
   save_pretrained (`--large-dtype`), `--large-examples` images, under `--large-budget-mb` (the trainer measures
-  steps to choose the micro-batch and checkpointing that fit).
+  steps to choose the micro-batch and checkpointing that fit). The toolkit loads a quantized base a tensor at a
+  time (flora/modeling/streamed.py).
+- vitl14_mapped_load_4bit: the baseline of that load alone, no training: the same checkpoint quantized by
+  transformers' from_pretrained from its memory map, as the toolkit loaded it before (then
+  `release_checkpoint_file`). Both ViT-L/14 variants run once per `--large-dtype` (comma-separated), each dtype
+  its own checkpoint, and are keyed `variant@dtype`.
 
 `--device cuda` runs every variant on the GPU; memory is then torch.cuda.max_memory_allocated (`peak_train_mb`),
 and `paper_step_speedup` (34.72, the FLoRA paper's, on a GPU) stands beside each step ratio.
@@ -72,8 +77,11 @@ VARIANTS = (
     "paper_cached_int8",
     "paper_cached_4bit",
     "vitl14_paper_cached_4bit",
+    "vitl14_mapped_load_4bit",
 )
 LARGE = "vitl14_paper_cached_4bit"  # the ViT-L/14 variant: its own checkpoint, `--large-examples` images
+MAPPED_LOAD = "vitl14_mapped_load_4bit"  # the baseline of its load: transformers' memory-mapped one, load only
+LARGE_VARIANTS = (LARGE, MAPPED_LOAD)  # run once per `--large-dtype`, keyed "variant@dtype"
 CLASSES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 TEMPLATE = "a photo of a {label}."
 ADAM = {"lr": 5e-5, "betas": (0.9, 0.98), "eps": 1e-6, "weight_decay": 0.2}
@@ -242,6 +250,20 @@ def standard_clip_variant(name: str, model_dir: Path, data, batch: int) -> dict[
     }
 
 
+def mapped_load_variant(model_dir: Path) -> dict[str, Any]:
+    """The ViT-L/14 checkpoint loaded to 4-bit as before the streamed load: transformers' memory-mapped path."""
+    from transformers import CLIPModel
+
+    from flora.modeling.kbit import release_checkpoint_file
+    from flora.modeling.loading import quantization_config
+
+    started = time.perf_counter()
+    model = CLIPModel.from_pretrained(model_dir, quantization_config=quantization_config("4bit"), device_map="cpu")
+    release_checkpoint_file(model)
+    load_s = time.perf_counter() - started
+    return {"setup_s": load_s, "load_peak_rss_mb": status_mb("VmHWM"), "loaded_rss_mb": status_mb("VmRSS")}
+
+
 def trainer_variant(
     name: str, model_dir: Path, data, batch: int, rounds: int, budget_mb: float | None = None
 ) -> dict[str, Any]:
@@ -255,6 +277,7 @@ def trainer_variant(
     clip = load_clip(model_dir, quantization="4bit" if name.endswith("4bit") else "none", device=DEVICE)
     load_s = time.perf_counter() - started
     load_peak_mb = status_mb("VmHWM")  # the process's own: no reset has happened yet
+    loaded_rss_mb = status_mb("VmRSS")
     # What every restart pays to check the on-disk cache: fingerprint the vision tower and the images (timed
     # here, while the tower is resident; the trainer releases it once the cache is complete).
     from edge_client.cache import image_key, model_fingerprint
@@ -308,6 +331,7 @@ def trainer_variant(
         "micro_batch_size": trainer.plan.micro_batch_size,
         "gradient_checkpointing": trainer.plan.activation_checkpointing,
         "load_peak_rss_mb": load_peak_mb,
+        "loaded_rss_mb": loaded_rss_mb,
         "quantization": clip.quantization,
         "image_embeddings_cached": trainer.image_embeds is not None,
         "setup_s": load_s,
@@ -369,6 +393,8 @@ def worker(args) -> None:
     data = synthetic_data(args.examples)
     if args.worker in ("full_finetuning", "paper_peft_plain"):
         result = standard_clip_variant(args.worker, args.model, data, args.batch)
+    elif args.worker == MAPPED_LOAD:
+        result = mapped_load_variant(args.model)
     else:
         budget = args.large_budget_mb if args.worker == LARGE else None
         result = trainer_variant(args.worker, args.model, data, args.batch, args.rounds, budget)
@@ -400,7 +426,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA: memory is max_memory_allocated)")
     parser.add_argument("--large-examples", type=int, default=32, help="images for the ViT-L/14 variant (its cost)")
     parser.add_argument(
-        "--large-dtype", default="float32", choices=("float32", "float16"), help="the ViT-L/14 checkpoint's dtype"
+        "--large-dtype",
+        default="float32",
+        help="the ViT-L/14 checkpoint's dtype: float32, float16, or both comma-separated (each its own checkpoint)",
     )
     parser.add_argument(
         "--large-budget-mb", type=float, default=2000.0, help="memory budget of the ViT-L/14 variant's training"
@@ -421,20 +449,34 @@ def main() -> None:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    large_dtypes = [d for d in args.large_dtype.split(",") if d]
+    if not large_dtypes or set(large_dtypes) - {"float32", "float16"}:
+        parser.error(f"--large-dtype takes float32, float16 or both comma-separated, got {args.large_dtype!r}")
     started = time.perf_counter()
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="flora-bench-") as tmp:
-        model_dir = large_dir = None
-        if any(v != LARGE for v in variants):
+        model_dir = None
+        large_dirs: dict[str, Path] = {}
+        if any(v not in LARGE_VARIANTS for v in variants):
             log("writing ViT-B/32 (CLIPConfig defaults, random weights)")
             model_dir = write_vit_b32(Path(tmp) / "vit-b32")
-        if LARGE in variants:
-            log("writing ViT-L/14 (random weights)")
-            large_dir = write_vit_l14(Path(tmp) / "vit-l14", args.large_dtype)
-        for variant in variants:
-            log(f"{variant} ...")
-            large = variant == LARGE
-            argv = [sys.executable, __file__, "--worker", variant, "--model", str(large_dir if large else model_dir)]
+        runs = [(v, None) for v in variants if v not in LARGE_VARIANTS]
+        for dtype in large_dtypes if any(v in LARGE_VARIANTS for v in variants) else []:
+            log(f"writing ViT-L/14 (random weights, {dtype})")
+            large_dirs[dtype] = write_vit_l14(Path(tmp) / f"vit-l14-{dtype}", dtype)
+            runs += [(v, dtype) for v in variants if v in LARGE_VARIANTS]
+        for variant, dtype in runs:
+            key = variant if dtype is None else f"{variant}@{dtype}"
+            log(f"{key} ...")
+            large = dtype is not None
+            argv = [
+                sys.executable,
+                __file__,
+                "--worker",
+                variant,
+                "--model",
+                str(large_dirs[dtype] if large else model_dir),
+            ]
             argv += ["--examples", str(args.large_examples if large else args.examples), "--batch", str(args.batch)]
             argv += ["--rounds", str(args.rounds), "--threads", str(args.threads)]
             argv += ["--large-budget-mb", str(args.large_budget_mb), "--device", args.device]
@@ -443,9 +485,10 @@ def main() -> None:
             env["MKL_NUM_THREADS"] = threads
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=ROOT)
             if proc.returncode != 0:
-                raise SystemExit(f"{variant} failed:\n{proc.stderr[-4000:]}")
+                raise SystemExit(f"{key} failed:\n{proc.stderr[-4000:]}")
             sys.stderr.write(proc.stderr)
-            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            results[key] = json.loads(proc.stdout.strip().splitlines()[-1])
+        large_dirs_mb = {d: (p / "model.safetensors").stat().st_size / 2**20 for d, p in large_dirs.items()}
     import platform
 
     import torch
@@ -476,7 +519,7 @@ def main() -> None:
                 "later_round_speedup_cpu_time": base["later_round_cpu_s"] / r["later_round_cpu_s"],
             }
             for name, r in results.items()
-            if name != "full_finetuning"
+            if name != "full_finetuning" and "@" not in name  # the ViT-L/14 runs: another model
         }
         cached = report["vs_full_finetuning"].get("paper_cached")
         if cached:
@@ -491,18 +534,35 @@ def main() -> None:
             if fast:
                 key = "first_round_speedup >= 10, int8 cache (issue 15)"
                 report["targets"][key] = fast["first_round_speedup"] >= 10
-    large = results.get(LARGE)
-    if large:
-        report["large_clip"] = {
+    report["large_clip"] = {}
+    for dtype in large_dtypes:
+        large, mapped = results.get(f"{LARGE}@{dtype}"), results.get(f"{MAPPED_LOAD}@{dtype}")
+        if not (large or mapped):
+            continue
+        entry: dict[str, Any] = {
             "model": "ViT-L/14 dimensions, random weights, 4-bit NF4 base, paper recipe, image cache",
-            "examples": args.large_examples,
-            "checkpoint_dtype": args.large_dtype,
-            "load_peak_rss_mb": large["load_peak_rss_mb"],
-            "process_peak_rss_mb": large["process_peak_rss_mb"],
-            "peak_train_rss_mb": large["peak_train_rss_mb"],
-            "memory_budget_mb": args.large_budget_mb,
-            "process_peak_under_2000_mb (issue 15)": large["process_peak_rss_mb"] < 2000,
+            "checkpoint_dtype": dtype,
+            "checkpoint_mb": large_dirs_mb.get(dtype),
         }
+        if mapped:
+            entry["mapped_load"] = {k: mapped[k] for k in ("setup_s", "load_peak_rss_mb", "loaded_rss_mb")}
+            entry["mapped_load"]["process_peak_rss_mb"] = mapped["process_peak_rss_mb"]
+        if large:
+            entry |= {
+                "examples": args.large_examples,
+                "load_s": large["setup_s"],
+                "load_peak_rss_mb": large["load_peak_rss_mb"],
+                "loaded_rss_mb": large["loaded_rss_mb"],
+                "process_peak_rss_mb": large["process_peak_rss_mb"],
+                "peak_train_rss_mb": large["peak_train_rss_mb"],
+                "runtime_rss_mb": large["runtime_rss_mb"],
+                "memory_budget_mb": args.large_budget_mb,
+                "process_peak_under_2000_mb (issue 15)": large["process_peak_rss_mb"] < 2000,
+            }
+        if large and mapped:
+            entry["load_peak_reduction_streamed_vs_mapped"] = mapped["load_peak_rss_mb"] / large["load_peak_rss_mb"]
+            entry["load_time_streamed_vs_mapped"] = large["setup_s"] / mapped["setup_s"]
+        report["large_clip"][dtype] = entry
     print(json.dumps(report, indent=2))
 
 

@@ -14,10 +14,6 @@ how a step is computed, not what it computes.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
-import gc
 import logging
 import math
 import resource
@@ -25,19 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from flora.errors import ConfigError
+from flora.heap import release_freed_memory
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTING_MODES = ("auto", "on", "off")
-
-
-@functools.cache
-def _libc():
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name) if name else None
-    except OSError:
-        return None
 
 
 def _status_kib(key: str) -> int | None:
@@ -49,16 +37,6 @@ def _status_kib(key: str) -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def release_freed_memory(collect: bool = True) -> None:
-    """Collect garbage and return the C heap's free pages to the OS (glibc `malloc_trim`), where possible."""
-    if collect:
-        gc.collect()  # a full collection takes ~0.1-0.3 s with torch and transformers loaded
-    libc = _libc()
-    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
-    if trim is not None:
-        trim(0)
 
 
 class PeakMemoryMeter:

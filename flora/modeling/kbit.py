@@ -53,7 +53,8 @@ def release_checkpoint_file(model: Any) -> int:
     (embeddings, LayerNorms, projections) stay views into it: after quantizing, which read every
     page of the file, the whole full-precision file then stays mapped and resident (ViT-B/32: 600 MB
     more than the 4-bit model needs). Copying those few tensors lets the map go. Quantized weights are
-    already copies. Returns the number of tensors copied.
+    already copies. Returns the number of tensors copied. Only a load through the map needs it (a .bin, an
+    already quantized checkpoint): the toolkit's streamed load (flora/modeling/streamed.py) maps nothing.
     """
     import torch
 

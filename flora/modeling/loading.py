@@ -80,6 +80,36 @@ def quantization_config(quantization: str, compute_dtype: str = "float32"):
     )
 
 
+def _from_pretrained(family: ModelFamily, name: str, *, stream: bool, **kwargs: Any) -> tuple[Any, Any, bool]:
+    """(model, processor, mapped): mapped when the weights came through transformers' memory map of the file.
+
+    With `stream` (a quantized load) a safetensors checkpoint is read a tensor at a time, so the load peaks at
+    the quantized model plus one float tensor, not plus the whole file (flora/modeling/streamed.py); a .bin or
+    an already quantized checkpoint loads the ordinary way. An unquantized load keeps the map on purpose: its
+    frozen weights stay views of the file, resident only where touched (flora/modeling/residency.py).
+    """
+    if stream:
+        from transformers import AutoProcessor
+
+        from flora.modeling.streamed import checkpoint_files, load_streamed
+
+        files = checkpoint_files(name)
+        try:
+            model = load_streamed(family.model_class(), name, files, **kwargs) if files else None
+        except Exception as exc:  # e.g. a transformers release that no longer takes lazy slices as a state_dict
+            log.warning(
+                "could not stream %s into from_pretrained (%s: %s); loading it through transformers' memory map "
+                "instead, which holds the whole file at the load's peak",
+                name,
+                type(exc).__name__,
+                exc,
+            )
+            model = None  # a fault of the checkpoint itself shows again, and is reported, by the ordinary load
+        if model is not None:
+            return model, AutoProcessor.from_pretrained(name), False
+    return (*family.from_pretrained(name, **kwargs), True)
+
+
 def load_model(
     name_or_path: str | Path,
     *,
@@ -99,7 +129,7 @@ def load_model(
     elif compute_dtype != "float32":
         kwargs["dtype"] = _torch_dtype(compute_dtype)
     try:
-        model, processor = family.from_pretrained(name, **kwargs)
+        model, processor, mapped = _from_pretrained(family, name, stream=quant is not None, **kwargs)
     except OSError as exc:
         raise ConfigError(
             f"cannot load checkpoint {name!r} ({family.name}): {exc}. Pass a local directory written by "
@@ -107,7 +137,7 @@ def load_model(
         ) from None
     if quant is None:
         model.to(device)
-    elif device == "cpu":
+    elif device == "cpu" and mapped:
         from flora.modeling.kbit import release_checkpoint_file
 
         release_checkpoint_file(model)  # else the full-precision file stays mapped and resident
