@@ -148,6 +148,11 @@ class LocalTrainer:
         self.trains_images = any(
             p.requires_grad and self.family.on_image_path(name) for name, p in self.model.named_parameters()
         )
+        # and on the text path? Not for the image-only baselines (linear-probe, vision-head): their text
+        # embeddings are constants, and a backward pass through them would have nothing to reach.
+        self.trains_text = any(
+            p.requires_grad and not self.family.on_image_path(name) for name, p in self.model.named_parameters()
+        )
         self.cache_dir = cache_dir
         self.caching = cache_image_embeddings and not self.trains_images
         self.release_vision_tower = release_vision_tower and self.caching
@@ -358,7 +363,7 @@ class LocalTrainer:
             bias = calibration if bias is None else bias + calibration
         if len(idx) <= micro and len(text_ids) <= micro:
             images = self._image_embeddings(idx, grad=self.trains_images)
-            texts = self._text_embeddings(text_inputs, text_ids, grad=True)
+            texts = self._text_embeddings(text_inputs, text_ids, grad=self.trains_text)
             loss = self.family.loss(images, texts, targets, scale, bias)
             backward(loss)
             return loss.detach()
@@ -379,11 +384,11 @@ class LocalTrainer:
                 images = torch.cat(parts)
             else:
                 images = self._image_embeddings(idx, grad=False)
-        texts.requires_grad_(True)
+        texts.requires_grad_(self.trains_text)
         images = images.detach().requires_grad_(self.trains_images)
         loss = self.family.loss(images, texts, targets, scale, bias)
         backward(loss)
-        for chunk, state, grad in zip(text_chunks, text_states, texts.grad.split(micro)):
+        for chunk, state, grad in zip(text_chunks, text_states, texts.grad.split(micro) if self.trains_text else []):
             self._set_rng_state(state)  # same dropout masks as in the pass without a graph
             backward(self._text_embeddings(text_inputs, chunk, grad=True), grad)
         for chunk, state, grad in zip(image_chunks, image_states, images.grad.split(micro) if image_chunks else []):

@@ -247,3 +247,18 @@ def test_a_baseline_exports_to_onnx_matching_pytorch(tiny_model_dir, tmp_path, d
     assert result.max_abs_diff <= 1e-4 and result.onnxruntime_accuracy == result.pytorch_accuracy
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "onnx" / "model.onnx")).metadata_props}
     assert meta["recipe"] == "vision-head"
+
+
+@pytest.mark.parametrize("recipe", ("linear-probe", "vision-head"))
+def test_an_image_only_baseline_trains_a_client_with_fewer_examples_than_class_prompts(tiny_model_dir, digits, recipe):
+    """Four examples against ten class prompts: more texts than the micro-batch, so the step takes the
+    gradient-cache path, which once also ran a backward pass through the frozen text tower and failed
+    ("element 0 of tensors does not require grad") on such clients of a Dirichlet(0.1) split."""
+    data = digits.subset(range(4))
+    trainer = LocalTrainer(load_clip(tiny_model_dir), get_recipe(recipe), data, progress=False, max_batch_size=16)
+    assert trainer.trains_images and not trainer.trains_text
+    prompts = tuple(TEMPLATE.format(label=d) for d in range(10))
+    start = {k: v.clone() for k, v in trainer.adapter_state().items()}
+    settings = TrainSettings(learning_rate=1e-2, batch_size=16, prompt_template=TEMPLATE, class_prompts=prompts)
+    tensors, _ = trainer.train_round({k: v.numpy() for k, v in start.items()}, settings, round_=1)
+    assert any(not torch.equal(tensors[k], start[k]) for k in start)
