@@ -23,6 +23,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from edge_client.memory_budget import PeakMemoryMeter, images_per_chunk
 from flora.data.datasets import pixel_values
 from flora.errors import ConfigError
 
@@ -97,9 +98,14 @@ def embed_images(
     precision: str,
     autocast_dtype: Any = None,
     chunk: int = 64,
+    memory_budget_mb: float | None = None,
     discard_tower_after: bool = False,
 ) -> Any:
     """[len(images), D] fp32 normalised embeddings of `images`, `chunk` at a time, under inference_mode.
+
+    `memory_budget_mb` (the process peak, as the training plan reads it): the first image is embedded alone
+    and measured, and the chunk shrunk so that the rest stay within the budget; a large tower's activations
+    (~60 MB an image on ViT-L/14 in 4-bit) would otherwise make the build, not training, the device's peak.
 
     `discard_tower_after`: the caller releases the tower afterwards, so the int8 precision may quantize it
     in place instead of copying it (no second copy in memory; the restored tower is the checkpoint's again).
@@ -117,10 +123,23 @@ def embed_images(
     parts = []
     try:
         with torch.inference_mode(), tower:
-            for start in range(0, len(images), chunk):
-                pixels = pixel_values(clip.image_processor, images[start : start + chunk]).to(device)
+
+            def embed(batch):
+                pixels = pixel_values(clip.image_processor, batch).to(device)
                 with cast:
-                    parts.append(family.image_embeddings(model, pixels).float())
+                    return family.image_embeddings(model, pixels).float()
+
+            first = 0
+            if memory_budget_mb is not None and len(images) > 1:
+                meter = PeakMemoryMeter(device)
+                meter.reset()
+                in_use = meter.current_mb()
+                parts.append(embed(images[:1]))
+                chunk = images_per_chunk(memory_budget_mb, in_use, meter.peak_mb() - in_use, chunk)
+                log.info("image embeddings: %d images a chunk within memory_budget_mb = %g", chunk, memory_budget_mb)
+                first = 1
+            for start in range(first, len(images), chunk):
+                parts.append(embed(images[start : start + chunk]))
     finally:
         model.train(was_training)
     # Out of inference mode: these rows are used by steps that build graphs (an inference tensor cannot be).

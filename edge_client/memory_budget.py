@@ -99,6 +99,19 @@ class BatchPlan:
         return micro, math.ceil(effective_batch / micro)
 
 
+def images_per_chunk(budget_mb: float, in_use_mb: float, per_image_mb: float, largest: int) -> int:
+    """How many images one inference chunk may hold for its peak to stay within `budget_mb`.
+
+    `per_image_mb`, measured on a chunk of one image, also carries what any chunk costs once (buffers a
+    quantized layer dequantizes into), so the answer errs small. At least 1: an image has to be embedded, and
+    a budget too small for even that is the training plan's to refuse, with the fix in its message.
+    """
+    room = budget_mb - in_use_mb
+    if per_image_mb <= 0:
+        return largest
+    return max(1, min(largest, int(room // per_image_mb)))
+
+
 def candidate_batch_sizes(largest: int) -> list[int]:
     """`largest`, then the powers of two below it, down to 1."""
     if largest < 1:

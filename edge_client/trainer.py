@@ -134,6 +134,7 @@ class LocalTrainer:
         self.data = data
         self.seed = seed
         self.max_batch_size = max_batch_size
+        self.memory_budget_mb = memory_budget_mb  # also bounds the image-cache build's chunks
         self.progress = progress
         self.device = clip.device
         self.autocast_dtype = resolve_autocast(autocast, self.device)
@@ -229,6 +230,7 @@ class LocalTrainer:
                 precision=self.cache_precision,
                 autocast_dtype=self.autocast_dtype,
                 chunk=chunk,
+                memory_budget_mb=self.memory_budget_mb,
                 discard_tower_after=self.release_vision_tower,
             )
             rows.update(zip(missing, embeds.cpu()))

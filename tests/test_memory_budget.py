@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from edge_client.memory_budget import PeakMemoryMeter, candidate_batch_sizes, plan_batches
+from edge_client.cache_build import embed_images
+from edge_client.memory_budget import PeakMemoryMeter, candidate_batch_sizes, images_per_chunk, plan_batches
 from edge_client.trainer import LocalTrainer, TrainSettings
 from flora.errors import ConfigError
 from flora.modeling.loading import load_clip
@@ -127,3 +128,26 @@ def test_a_budget_below_the_model_itself_fails_at_start_with_what_to_change(trai
     trainer.fit_memory_budget(None)
     with pytest.raises(ConfigError, match=r"memory_budget_mb = 50 is too small.*before any training step"):
         plan_batches(lambda micro, ckpt: 1.0, largest=8, budget_mb=50, baseline_mb=60)
+
+
+def test_images_per_chunk_fills_the_room_left_and_never_goes_below_one():
+    assert images_per_chunk(2000, 800, 60, 32) == 20  # (2000 - 800) // 60
+    assert images_per_chunk(2000, 800, 10, 32) == 32  # never more than asked for
+    assert images_per_chunk(2000, 1990, 60, 32) == 1  # no room: one at a time, the plan refuses the budget later
+    assert images_per_chunk(2000, 800, 0, 32) == 32  # nothing measurable per image
+
+
+def test_the_cache_build_sizes_its_chunks_by_the_budget_and_computes_the_same_embeddings(
+    tiny_model_dir, digits, caplog
+):
+    clip = load_clip(tiny_model_dir)
+    images = digits.subset(range(24)).images
+    free = embed_images(clip, clip.model, images, precision="float32", chunk=16)
+    with caplog.at_level("INFO", logger="edge_client.cache_build"):
+        tight = embed_images(clip, clip.model, images, precision="float32", chunk=16, memory_budget_mb=1)
+        roomy = embed_images(clip, clip.model, images, precision="float32", chunk=16, memory_budget_mb=1e6)
+    chunks = [r.getMessage() for r in caplog.records if "a chunk within memory_budget_mb" in r.getMessage()]
+    assert chunks[0].startswith("image embeddings: 1 images a chunk")  # no room: the process is over budget already
+    assert chunks[1].startswith("image embeddings: 16 images a chunk")
+    assert tight.shape == roomy.shape == free.shape == (24, free.shape[1])
+    assert np.allclose(tight.numpy(), free.numpy(), atol=1e-5) and np.allclose(roomy.numpy(), free.numpy(), atol=1e-5)
