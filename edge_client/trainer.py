@@ -236,10 +236,9 @@ class LocalTrainer:
             log.info("image embeddings: computed %d of %d images (%s)", len(missing), len(keys), why)
         else:
             log.info("image embeddings: reusing the cache in %s (%d images)", store.path, len(keys))
-        if self.release_vision_tower:
-            release_image_path(self.clip)
+        released = release_image_path(self.clip) if self.release_vision_tower else 0
         if missing:  # the build's activations, freed to the C heap, go back to the OS (~95 MB on ViT-B/32)
-            release_freed_memory()
+            release_freed_memory(collect=not released)  # a release has just collected garbage: once is enough
         self.cache_seconds = time.perf_counter() - started
 
     def evaluate_local(self, template: str = scoring.DEFAULT_TEMPLATE) -> dict[str, float]:
