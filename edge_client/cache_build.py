@@ -7,7 +7,7 @@ Precisions (`cache_precision`, client setting):
 - "bfloat16": on a CPU with bfloat16 matrix instructions (x86 AMX or AVX512-BF16: Intel Xeon Sapphire Rapids
   and later, AMD Zen 4 and later), the tower run under CPU autocast to bfloat16 (oneDNN's bf16 kernels; norms
   and softmax stay float32), for an unquantized base. On the ViT-B/32 benchmark (AMX Xeon) its forward pass
-  ran ~3.5x faster than float32 (the whole build, fingerprint and release included, 2.4x in CPU time), with
+  ran 3.2x faster than float32 (the whole build, fingerprint and release included, 2.4x in CPU time), with
   embeddings at cosine >= 0.99999 (relative L2 error <= 0.5%: 5x closer than int8). Its error is partly common
   to all images (a shift, not noise), so the trained model's accuracy after a round moves about as much as with
   int8: on the demo task, median 0.28 point from float32 over 6 seeds, 0.84 at worst (BENCHMARKS.md). Opt-in,
