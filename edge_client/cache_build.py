@@ -7,11 +7,11 @@ Precisions (`cache_precision`, client setting):
 - "bfloat16": on a CPU with bfloat16 matrix instructions (x86 AMX or AVX512-BF16: Intel Xeon Sapphire Rapids
   and later, AMD Zen 4 and later), the tower run under CPU autocast to bfloat16 (oneDNN's bf16 kernels; norms
   and softmax stay float32), for an unquantized base. On the ViT-B/32 benchmark (AMX Xeon) its forward pass
-  ran 3.2x faster than float32 (the whole build, fingerprint and release included, 2.4x in CPU time), with
-  embeddings at cosine >= 0.99999 (relative L2 error <= 0.5%: 5x closer than int8). Its error is partly common
-  to all images (a shift, not noise), so the trained model's accuracy after a round moves about as much as with
-  int8: on the demo task, median 0.28 point from float32 over 6 seeds, 0.84 at worst (BENCHMARKS.md). Opt-in,
-  like int8. Refused on a CPU without those instructions, where bfloat16 is emulated and ~4x slower than float32.
+  ran 3.2x faster than float32 (the whole build, fingerprint and release included, 2.3x in CPU time), with
+  embeddings at cosine >= 0.99999 (relative L2 error <= 0.5%: 5x closer than int8). Yet the trained model's
+  accuracy after a round moves about as much as with int8 (a random error of the same size moved it less): on
+  the demo task, median 0.28 point from float32 over 6 seeds, 0.84 at worst (BENCHMARKS.md). Opt-in, like int8.
+  Refused on a CPU without those instructions, where bfloat16 is emulated and ~4x slower than float32.
 - "int8": on CPU, the tower's Linear layers dynamically quantized to int8 (PyTorch's fbgemm/x86 kernels,
   weights per tensor, activations per batch), for an unquantized base. On the ViT-B/32 benchmark it built the
   cache 1.5-1.7x faster with embeddings at cosine >= 0.9997 to fp32, and the trained model's accuracy after
