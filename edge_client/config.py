@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from edge_client.cache_build import CACHE_PRECISIONS
 from edge_client.memory_budget import CHECKPOINTING_MODES
 from edge_client.trainer import AUTOCAST_MODES
 from flora.algorithms import LocalDP
@@ -59,6 +60,7 @@ class ClientConfig(NodeSettings):
     cache_precision: str = field(
         "auto",
         help="image cache precision: auto (autocast dtype on CUDA, float32 on CPU), float32, autocast, "
+        "bfloat16 (CPU with AMX or AVX512-BF16, unquantized base: ~2.4x faster build, cosine >= 0.9999 to float32) "
         "or int8 (CPU, unquantized base: ~1.6x faster build, cosine >= 0.999 to float32)",
     )
     release_vision_tower: bool = field(
@@ -104,6 +106,11 @@ class ClientConfig(NodeSettings):
             )
         if self.autocast not in AUTOCAST_MODES:
             raise ConfigError(f"autocast must be one of {', '.join(AUTOCAST_MODES)}, got {self.autocast!r}")
+        if self.cache_precision not in CACHE_PRECISIONS:
+            # The name only: whether this device can use it (CPU instructions, CUDA) is checked at start-up.
+            raise ConfigError(
+                f"cache_precision must be one of {', '.join(CACHE_PRECISIONS)}, got {self.cache_precision!r}"
+            )
         LocalDP.from_settings(self.dp_clip_norm, self.dp_noise_multiplier)
         recipe = get_recipe(self.recipe)
         if self.lora_rank is not None and not recipe.has_lora:

@@ -161,7 +161,7 @@ class LocalTrainer:
             cache_precision, device=self.device, autocast_dtype=self.autocast_dtype, quantized=is_quantized(clip.model)
         )
         self._model_key: str | None = None  # the image path's fingerprint, taken while it is resident
-        self.cache_seconds = 0.0
+        self.cache_seconds = self.cache_cpu_seconds = 0.0
         self.set_data(data)
         self.plan: BatchPlan = self.fit_memory_budget(memory_budget_mb, gradient_checkpointing)
         self._rounds_trained = 0
@@ -207,7 +207,7 @@ class LocalTrainer:
         store is rewritten with the current images' rows and the vision tower released (see the docstring)."""
         import torch
 
-        started = time.perf_counter()
+        started, started_cpu = time.perf_counter(), time.process_time()
         store = EmbeddingStore(cache_dir)
         if self._model_key is None:
             self._model_key = self._current_model_key()  # the tower is resident: built with this trainer
@@ -244,11 +244,11 @@ class LocalTrainer:
             log.info("image embeddings: computed %d of %d images (%s)", len(missing), len(keys), why)
         else:
             log.info("image embeddings: reusing the cache in %s (%d images)", store.path, len(keys))
-        if self.release_vision_tower:
-            release_image_path(self.clip)
+        released = release_image_path(self.clip) if self.release_vision_tower else 0
         if missing:  # the build's activations, freed to the C heap, go back to the OS (~95 MB on ViT-B/32)
-            release_freed_memory()
+            release_freed_memory(collect=not released)  # a release has just collected garbage: once is enough
         self.cache_seconds = time.perf_counter() - started
+        self.cache_cpu_seconds = time.process_time() - started_cpu  # the process's: steadier on a loaded machine
 
     def evaluate_local(self, template: str = scoring.DEFAULT_TEMPLATE) -> dict[str, float]:
         """Zero-shot accuracy and loss of the current adapter on the local data, from the cached embeddings
