@@ -68,12 +68,14 @@ def test_a_two_cell_grid_runs_end_to_end_and_resumes_without_rerunning(tmp_path,
     assert len(csv_lines) == 3 and csv_lines[0].startswith("key,recipe,split")
     assert json.loads((out / "results.json").read_text())["cells"] == rows
 
-    # The table's figures are the cells' own: test accuracy (one seed: the mean is the cell's), cost per recipe.
+    # The table's figures are the cells' own: test and validation accuracy (one seed: the mean is the cell's),
+    # cost per recipe.
     table = table_rows(out)
     for row in rows:
         line = table[(row["recipe"], row["split"], row["strategy"], row["objective"])]
         assert line[4] == f"{100 * row['test_accuracy']:.1f} ± 0.0"
-        assert line[6] == f"{row['trainable_parameters']:,}" and line[7] == f"{row['bytes_per_update']:,}"
+        assert line[5] == f"{100 * row['final_validation_accuracy']:.1f} ± 0.0"
+        assert line[7] == f"{row['trainable_parameters']:,}" and line[8] == f"{row['bytes_per_update']:,}"
 
     # Resume: the finished cell is kept as it is, the missing one runs again.
     kept, lost = cells
@@ -92,12 +94,12 @@ def test_table_means_and_spreads_over_seeds():
 
     base = {"recipe": "paper", "split": "iid", "strategy": "fedavg", "objective": "in-batch"}
     rows = [
-        {**base, "test_accuracy": a, "initial_validation_accuracy": 0.1, "trainable_parameters": 512}
-        | {"bytes_per_update": 2048, "seconds_per_round": 1.0}
-        for a in (0.5, 0.6, 0.7)
+        {**base, "test_accuracy": a, "final_validation_accuracy": v, "initial_validation_accuracy": 0.1}
+        | {"trainable_parameters": 512, "bytes_per_update": 2048, "seconds_per_round": 1.0}
+        for a, v in ((0.5, 0.4), (0.6, 0.4), (0.7, 0.7))
     ]
     (line,) = [x for x in table_markdown(rows).splitlines() if x.startswith("| paper")]
-    assert re.search(r"\| 60\.0 ± 10\.0 \| 3 \| 512 \| 2,048 \|", line)
+    assert re.search(r"\| 60\.0 ± 10\.0 \| 50\.0 ± 17\.3 \| 3 \| 512 \| 2,048 \|", line)
 
 
 def test_splits_are_named_with_their_parameter():

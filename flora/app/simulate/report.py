@@ -1,7 +1,8 @@
 """The grid's outputs: results.csv and results.json (one row per cell), table.md, plots/ (accuracy per round).
 
 table.md is the paper's comparison: one line per setting (recipe, split, strategy, objective), the test accuracy
-as mean ± standard deviation over its seeds, and what the recipe costs (trainable parameters, bytes per update).
+as mean ± standard deviation over its seeds beside the final round's validation accuracy (what settings are chosen
+on, so a choice can be read off the same table), and what the recipe costs (trainable parameters, bytes per update).
 """
 
 from __future__ import annotations
@@ -37,16 +38,18 @@ def settings(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
 
 def table_markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| recipe | split | strategy | objective | test accuracy % (mean ± sd) | seeds | trainable params "
-        "| bytes / update | s / round | start % |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| recipe | split | strategy | objective | test accuracy % (mean ± sd) | validation % (mean ± sd) | seeds "
+        "| trainable params | bytes / update | s / round | start % |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (recipe, split, strategy, objective), group in settings(rows).items():
         mean, sd = mean_spread([100 * r["test_accuracy"] for r in group])
+        val_mean, val_sd = mean_spread([100 * r["final_validation_accuracy"] for r in group])
         seconds = statistics.fmean(r["seconds_per_round"] for r in group)
         start = statistics.fmean(100 * r["initial_validation_accuracy"] for r in group)  # before round 1
         lines.append(
-            f"| {recipe} | {split} | {strategy} | {objective} | {mean:.1f} ± {sd:.1f} | {len(group)} "
+            f"| {recipe} | {split} | {strategy} | {objective} | {mean:.1f} ± {sd:.1f} | {val_mean:.1f} ± {val_sd:.1f} "
+            f"| {len(group)} "
             f"| {group[0]['trainable_parameters']:,} | {group[0]['bytes_per_update']:,} | {seconds:.1f} | {start:.1f} |"
         )
     return "\n".join(lines) + "\n"
