@@ -12,14 +12,21 @@ from flora.data.datasets import write_image_folder
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
-def test_a_cell_runs_with_each_client_in_its_own_process(tmp_path, mosquitto, digits):
+def one_cell_experiment(tmp_path, digits, recipe: str):
+    """A one-cell grid (2 clients, 1 round, IID) of `recipe` on 200 digits; its config file and out folder."""
     dataset = write_image_folder(digits.subset(range(200)), tmp_path / "digits-200")
     out = tmp_path / "grid"
     config = tmp_path / "experiment.toml"
     config.write_text(
-        f'name = "processes"\nout = "{out}"\ndataset = "{dataset}"\nclients = 2\nrounds = 1\nbatch_size = 16\n'
-        'recipes = ["paper"]\nsplits = ["iid"]\nstrategies = ["fedavg"]\nobjectives = ["class-prompts"]\nseeds = [0]\n'
+        f'name = "{recipe}"\nout = "{out}"\ndataset = "{dataset}"\nclients = 2\nrounds = 1\nbatch_size = 16\n'
+        f'recipes = ["{recipe}"]\nsplits = ["iid"]\nstrategies = ["fedavg"]\nobjectives = ["class-prompts"]\n'
+        "seeds = [0]\n"
     )
+    return config, out
+
+
+def test_a_cell_runs_with_each_client_in_its_own_process(tmp_path, mosquitto, digits):
+    config, out = one_cell_experiment(tmp_path, digits, "paper")
     assert main(["simulate", "--config", str(config), "--processes", "--broker", mosquitto.url]) == 0
     (cell,) = (out / "cells").glob("*.json")
     row = json.loads(cell.read_text())
@@ -37,13 +44,7 @@ def test_a_cell_runs_with_each_client_in_its_own_process(tmp_path, mosquitto, di
 def test_a_full_fine_tuning_cell_runs_over_the_embedded_broker_from_a_fresh_out_dir(tmp_path, digits):
     """The default broker (embedded, its log under out/work, which does not exist yet) and an adapter of 632 KB,
     over max_message_bytes: every instruction and update goes as chunks between real processes."""
-    dataset = write_image_folder(digits.subset(range(200)), tmp_path / "digits-200")
-    out = tmp_path / "grid"
-    config = tmp_path / "experiment.toml"
-    config.write_text(
-        f'name = "fedfft"\nout = "{out}"\ndataset = "{dataset}"\nclients = 2\nrounds = 1\nbatch_size = 16\n'
-        'recipes = ["fedfft"]\nsplits = ["iid"]\nstrategies = ["fedavg"]\nobjectives = ["class-prompts"]\nseeds = [0]\n'
-    )
+    config, out = one_cell_experiment(tmp_path, digits, "fedfft")
     assert main(["simulate", "--config", str(config), "--processes"]) == 0
     (cell,) = (out / "cells").glob("*.json")
     row = json.loads(cell.read_text())
