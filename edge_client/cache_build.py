@@ -153,6 +153,17 @@ def bfloat16_vision_tower(model: Any, *, in_place: bool):
             setattr(module, name, tensor)
 
 
+def _reset_meter(device: str) -> PeakMemoryMeter | None:
+    """A peak-memory meter, just reset; None where the peak cannot be reset (no /proc/self/clear_refs): one
+    image's cost would then read as the whole process's lifetime peak and shrink every chunk to one image."""
+    meter = PeakMemoryMeter(device)
+    meter.reset()
+    if meter.kind == "process_peak_rss_lifetime":
+        log.info("image embeddings: this system cannot reset its peak memory; the cache build keeps its chunk size")
+        return None
+    return meter
+
+
 def embed_images(
     clip: Any,
     model: Any,
@@ -166,7 +177,8 @@ def embed_images(
 ) -> Any:
     """[len(images), D] fp32 normalised embeddings of `images`, `chunk` at a time, under inference_mode.
 
-    `memory_budget_mb` (the process peak, as the training plan reads it): the first image is embedded alone
+    `memory_budget_mb` (as the training plan reads it: the process peak on CPU, PyTorch's allocations on CUDA):
+    the first image is embedded alone
     and measured, and the chunk shrunk so that the rest stay within the budget; a large tower's activations
     (~60 MB an image on ViT-L/14 in 4-bit) would otherwise make the build, not training, the device's peak.
 
@@ -199,9 +211,8 @@ def embed_images(
                     return family.image_embeddings(model, pixels).float()
 
             first = 0
-            if memory_budget_mb is not None and len(images) > 1:
-                meter = PeakMemoryMeter(device)
-                meter.reset()
+            meter = _reset_meter(device) if memory_budget_mb is not None and len(images) > 1 else None
+            if meter is not None:
                 in_use = meter.current_mb()
                 parts.append(embed(images[:1]))
                 chunk = images_per_chunk(memory_budget_mb, in_use, meter.peak_mb() - in_use, chunk)

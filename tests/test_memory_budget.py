@@ -151,3 +151,23 @@ def test_the_cache_build_sizes_its_chunks_by_the_budget_and_computes_the_same_em
     assert chunks[1].startswith("image embeddings: 16 images a chunk")
     assert tight.shape == roomy.shape == free.shape == (24, free.shape[1])
     assert np.allclose(tight.numpy(), free.numpy(), atol=1e-5) and np.allclose(roomy.numpy(), free.numpy(), atol=1e-5)
+
+
+def test_without_a_resettable_peak_the_cache_build_keeps_its_chunk(tiny_model_dir, digits, caplog, monkeypatch):
+    """Where /proc/self/clear_refs cannot be written (some sandboxes) the peak is the process's lifetime one: read
+    as one image's cost it would shrink every chunk to a single image, so the budget is not applied to chunks."""
+    real_open = open
+
+    def no_clear_refs(path, *args, **kwargs):
+        if str(path) == "/proc/self/clear_refs":
+            raise PermissionError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", no_clear_refs)
+    clip = load_clip(tiny_model_dir)
+    images = digits.subset(range(8)).images
+    with caplog.at_level("INFO", logger="edge_client.cache_build"):
+        embeds = embed_images(clip, clip.model, images, precision="float32", chunk=4, memory_budget_mb=1)
+    assert "cannot reset its peak memory; the cache build keeps its chunk size" in caplog.text
+    assert "a chunk within memory_budget_mb" not in caplog.text
+    assert embeds.shape[0] == 8
