@@ -68,20 +68,25 @@ def test_a_streamed_quantized_load_equals_transformers_load_bit_for_bit(tiny_mod
     assert_same_model(load_clip(tiny_model_dir, quantization=quantization).model, reference)  # the toolkit's entry
 
 
-def test_another_family_streams_the_same_way(tmp_path):
-    """SigLIP: the family's own model class, through the same streamed path."""
+def test_another_family_streams_the_same_way(tmp_path, caplog):
+    """SigLIP: the family's own model class, through the same streamed path (not the fallback, which would
+    give the same model: hence the check on the log)."""
     from transformers import SiglipModel
 
     from flora.modeling.tiny import write_tiny_siglip
 
     model_dir = write_tiny_siglip(tmp_path / "siglip")
     reference = SiglipModel.from_pretrained(str(model_dir), quantization_config=quantization_config("4bit"))
-    loaded = load_clip(model_dir, quantization="4bit")
+    with caplog.at_level("WARNING", logger="flora.modeling.loading"):
+        loaded = load_clip(model_dir, quantization="4bit")
+    assert "could not stream" not in caplog.text
+    assert load_streamed(SiglipModel, str(model_dir), checkpoint_files(str(model_dir)), device_map="cpu",
+                         quantization_config=quantization_config("4bit")) is not None  # fmt: skip
     assert loaded.family.name == "siglip"
     assert_same_model(loaded.model, reference)
 
 
-def test_a_sharded_checkpoint_streams_every_shard(tiny_model_dir, tmp_path):
+def test_a_sharded_checkpoint_streams_every_shard(tiny_model_dir, tmp_path, caplog):
     sharded = tmp_path / "sharded"
     CLIPModel.from_pretrained(str(tiny_model_dir)).save_pretrained(sharded, max_shard_size="100KB")
     for name in ("tokenizer.json", "tokenizer_config.json", "processor_config.json"):
@@ -90,7 +95,10 @@ def test_a_sharded_checkpoint_streams_every_shard(tiny_model_dir, tmp_path):
     assert files is not None and len(files) > 1
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert {f.name for f in files} == set(index["weight_map"].values())
-    assert_same_model(load_clip(sharded, quantization="4bit").model, plain_load(sharded, "4bit"))
+    with caplog.at_level("WARNING", logger="flora.modeling.loading"):
+        loaded = load_clip(sharded, quantization="4bit").model
+    assert "could not stream" not in caplog.text  # streamed, not the fallback (which loads the same model)
+    assert_same_model(loaded, plain_load(sharded, "4bit"))
 
 
 def test_a_bin_checkpoint_loads_the_ordinary_way(tiny_model_dir, tmp_path):

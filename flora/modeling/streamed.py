@@ -31,8 +31,9 @@ either, as transformers opens every shard's map before loading the first tensor 
 Building the bitsandbytes skeleton and assigning quantized tensors ourselves would duplicate transformers'
 quantizer integration and break with it.
 
-Only safetensors checkpoints stream; `None` from `checkpoint_files` (a pytorch_model.bin, a checkpoint that
-is already quantized, a safetensors without the `pread` backend) means: load the ordinary way.
+Only safetensors checkpoints stream: `None` from `checkpoint_files` (a pytorch_model.bin) or from
+`load_streamed` (a checkpoint that is already quantized, a safetensors without the `pread` backend) means: load
+the ordinary way.
 """
 
 from __future__ import annotations
