@@ -263,7 +263,7 @@ def mapped_load_variant(model_dir: Path) -> dict[str, Any]:
     from flora.modeling.loading import quantization_config
 
     started = time.perf_counter()
-    model = CLIPModel.from_pretrained(model_dir, quantization_config=quantization_config("4bit"), device_map="cpu")
+    model = CLIPModel.from_pretrained(model_dir, quantization_config=quantization_config("4bit"), device_map=DEVICE)
     release_checkpoint_file(model)
     load_s = time.perf_counter() - started
     return {"setup_s": load_s, "load_peak_rss_mb": status_mb("VmHWM"), "loaded_rss_mb": status_mb("VmRSS")}
