@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,8 +16,11 @@ from flora.errors import ConfigError
 from flora.modeling.adapter import adapter_parameters
 from flora.modeling.loading import load_clip
 from flora.modeling.recipes import get_recipe
-from flora.protocol.wire_settings import adapter_size_problem
+from flora.protocol.reassembly import ChunkLimits
+from flora.protocol.wire_settings import adapter_size_problem, concurrent_uploads
 from flora.transport import transport_for
+
+log = logging.getLogger(__name__)
 
 
 def build_coordinator(config: CoordinatorConfig, subscribers: Iterable[Any] = ()) -> Coordinator:
@@ -31,9 +35,32 @@ def build_coordinator(config: CoordinatorConfig, subscribers: Iterable[Any] = ()
     )
     if problem:  # every round's adapter would be refused by the clients: say so before the run starts
         raise ConfigError(problem)
+    warn_if_few_concurrent_uploads(adapter_parameters(evaluator.model), config)
     transport = transport_for(config)
     strategy = make_strategy(config.strategy, config.strategy_params)
     return Coordinator(config, transport, evaluator, strategy, subscribers=[*trackers, *subscribers])
+
+
+FEW_CONCURRENT_UPLOADS = 16  # below this many updates reassembled at once, a fleet's uploads may overlap it
+
+
+def warn_if_few_concurrent_uploads(parameters: int, config: CoordinatorConfig) -> int:
+    """Say at start when only a few clients' chunked updates fit the reassembly buffer at once; returns how many."""
+    limit = ChunkLimits().max_buffered_bytes
+    uploads = concurrent_uploads(parameters, encoding=config.wire_encoding, buffered_bytes=limit)
+    if uploads < FEW_CONCURRENT_UPLOADS:
+        log.warning(
+            "recipe %r sends %s values per update as %s: the coordinator reassembles at most %d chunked updates at "
+            "once (a %d MiB buffer, flora.protocol.reassembly.ChunkLimits); when more clients upload together the "
+            "oldest partial uploads are dropped. Select fewer clients per round (clients_per_round_fraction), set "
+            "wire_encoding = int8-channel, or use a LoRA recipe",
+            config.recipe,
+            f"{parameters:,}",
+            config.wire_encoding,
+            uploads,
+            limit // 2**20,
+        )
+    return uploads
 
 
 def run_coordinator(config: CoordinatorConfig) -> dict[str, Any]:

@@ -262,3 +262,24 @@ def test_an_image_only_baseline_trains_a_client_with_fewer_examples_than_class_p
     settings = TrainSettings(learning_rate=1e-2, batch_size=16, prompt_template=TEMPLATE, class_prompts=prompts)
     tensors, _ = trainer.train_round({k: v.numpy() for k, v in start.items()}, settings, round_=1)
     assert any(not torch.equal(tensors[k], start[k]) for k in start)
+
+
+def test_the_coordinator_says_at_start_when_few_large_updates_fit_its_reassembly_buffer(caplog):
+    from coordinator.main import FEW_CONCURRENT_UPLOADS, warn_if_few_concurrent_uploads
+    from flora.protocol.reassembly import ChunkLimits
+    from flora.protocol.wire_settings import UPDATE_HEADER_ROOM, concurrent_uploads
+
+    limit = ChunkLimits().max_buffered_bytes
+    values = 20_000_000  # a whole-module baseline of a mid-sized model: 76 MiB as float32, 19 MiB as int8
+    assert concurrent_uploads(values, encoding="float32", buffered_bytes=limit) == limit // (
+        4 * values + UPDATE_HEADER_ROOM
+    )
+    config = CoordinatorConfig(node_id="coord", model="m", recipe="fedfft")
+    with caplog.at_level("WARNING", logger="coordinator.main"):
+        assert warn_if_few_concurrent_uploads(values, config) == 3
+    assert "reassembles at most 3 chunked updates at once" in caplog.text and "fewer clients per round" in caplog.text
+    caplog.clear()
+    paper_on_vit_b32 = 24_576  # LoRA r=2 on the text out_proj: hundreds of updates fit
+    with caplog.at_level("WARNING", logger="coordinator.main"):
+        assert warn_if_few_concurrent_uploads(paper_on_vit_b32, config) >= FEW_CONCURRENT_UPLOADS
+    assert "reassembles" not in caplog.text

@@ -49,3 +49,14 @@ def adapter_size_problem(parameters: int, *, encoding: str, recipe: str) -> str 
         f"{encoding}: over the {MAX_RAW_BYTES / 2**20:g} MiB an adapter message may carry "
         f"(flora.protocol.compression.MAX_RAW_BYTES); {hint}use a LoRA recipe or a smaller model"
     )
+
+
+def concurrent_uploads(parameters: int, *, encoding: str, buffered_bytes: int) -> int:
+    """How many chunked updates of `parameters` values in `encoding` a receiver can reassemble at once.
+
+    A receiver holds every partial transfer of every sender within one buffer (ChunkLimits.max_buffered_bytes);
+    past it the oldest partial transfers are dropped. LoRA updates fit by the hundred; a recipe that trains whole
+    modules may fit a handful, so more clients uploading together lose updates.
+    """
+    size = parameters * WIDTHS[ENCODINGS[encoding].dtype] + UPDATE_HEADER_ROOM
+    return buffered_bytes // size
