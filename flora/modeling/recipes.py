@@ -20,7 +20,7 @@ from flora.config import field
 from flora.errors import ConfigError
 
 # The built-in recipes' targets: module names CLIP and SigLIP share (families.base.ModelFamily.recipe_targets).
-from flora.modeling.families.base import TEXT_ATTENTION_AND_MLP, TEXT_OUT_PROJ, VISION_ATTENTION
+from flora.modeling.families.base import FAMILIES, TEXT_ATTENTION_AND_MLP, TEXT_OUT_PROJ, VISION_ATTENTION
 
 # Module names (Hugging Face's CLIPModel) the baselines train whole. CLIP-only: SigLIP has no visual_projection,
 # and attach_lora names a module a model lacks instead of training nothing.
@@ -35,8 +35,6 @@ CLIP_TEXT_TOWER = (
     "text_model.final_layer_norm",
     "text_projection",
 )
-# Module names on the image path: a recipe training any of them cannot cache image embeddings.
-IMAGE_PATH_MARKS = ("vision_model", "visual_projection")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,9 +76,10 @@ class LoraRecipe:
     @property
     def trains_vision_tower(self) -> bool:
         """True if anything on the image path trains, LoRA or whole modules (then image embeddings cannot be
-        cached). A hint from names: the trainer decides from the built model's trainable parameters."""
+        cached). A hint from names, each registered family's image-path modules: the trainer decides from the
+        built model's trainable parameters."""
         targets = [self.target_modules or "", *self.modules_to_save]
-        return any(mark in target for target in targets for mark in IMAGE_PATH_MARKS)
+        return any(family.on_image_path(target) for family in FAMILIES.values() for target in targets)
 
     def to_lora_config(self):
         from peft import LoraConfig
