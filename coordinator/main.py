@@ -30,12 +30,11 @@ def build_coordinator(config: CoordinatorConfig, subscribers: Iterable[Any] = ()
     data = load_image_folder(config.eval_data_dir) if config.eval_data_dir else None
     clip = load_clip(config.model, device=config.device)
     evaluator = Evaluator(clip, get_recipe(config.recipe), data, template=config.prompt_template, seed=config.seed)
-    problem = adapter_size_problem(
-        adapter_parameters(evaluator.model), encoding=config.wire_encoding, recipe=config.recipe
-    )
+    parameters = adapter_parameters(evaluator.model)
+    problem = adapter_size_problem(parameters, encoding=config.wire_encoding, recipe=config.recipe)
     if problem:  # every round's adapter would be refused by the clients: say so before the run starts
         raise ConfigError(problem)
-    warn_if_few_concurrent_uploads(adapter_parameters(evaluator.model), config)
+    warn_if_few_concurrent_uploads(parameters, config)
     transport = transport_for(config)
     strategy = make_strategy(config.strategy, config.strategy_params)
     return Coordinator(config, transport, evaluator, strategy, subscribers=[*trackers, *subscribers])

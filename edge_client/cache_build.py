@@ -178,9 +178,9 @@ def embed_images(
     """[len(images), D] fp32 normalised embeddings of `images`, `chunk` at a time, under inference_mode.
 
     `memory_budget_mb` (as the training plan reads it: the process peak on CPU, PyTorch's allocations on CUDA):
-    the first image is embedded alone
-    and measured, and the chunk shrunk so that the rest stay within the budget; a large tower's activations
-    (~60 MB an image on ViT-L/14 in 4-bit) would otherwise make the build, not training, the device's peak.
+    the first image is embedded alone and measured, and the chunk shrunk so that the rest stay within the
+    budget; a large tower's activations (~60 MB an image on ViT-L/14 in 4-bit) would otherwise make the build,
+    not training, the device's peak.
 
     `discard_tower_after`: the caller releases the tower afterwards, so the int8 and bfloat16 precisions may
     convert it in place instead of copying it (no second copy in memory; the restored tower is the checkpoint's).
