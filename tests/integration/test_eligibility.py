@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -26,6 +27,22 @@ pytestmark = pytest.mark.integration
 
 def _messages(caplog, text: str) -> list[str]:
     return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+@contextlib.contextmanager
+def _a_failing_round(config, agent_configs, *, max_seconds: float, join_s: float):
+    """Start the coordinator and the agents; yield the coordinator and the message of the RoundFailed its run
+    must end in (the agents still running, to be questioned); then wait for the agents to stop."""
+    coordinator = build_coordinator(config)
+    coordinator.start()
+    _, threads = start_agents(agent_configs, max_seconds=max_seconds)
+    try:
+        with pytest.raises(RoundFailed) as failed:
+            coordinator.run()
+        yield coordinator, str(failed.value)
+    finally:
+        for t in threads:
+            t.join(join_s)
 
 
 def _wait(predicate, timeout: float, what: str) -> None:
@@ -53,54 +70,45 @@ def test_each_unusable_device_is_named_with_its_reason_on_both_sides(
     config = coordinator_config(
         tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=4, rounds=1, wait_for_clients_s=20.0
     )
-    coordinator = build_coordinator(config)
-    coordinator.start()
-    with caplog.at_level(logging.INFO):
-        _, threads = start_agents(configs, max_seconds=90)
-        try:
-            with pytest.raises(RoundFailed) as failed:
-                coordinator.run()
-            # The coordinator names every online device it cannot use, in the log and in the failure.
-            message = str(failed.value)
-            assert "only 0 of 4 required eligible clients came online" in message
-            assert "client-0 (it already trained round 3 of run itest, past round 1" in message
-            assert "client-1 (recipe 'text-full', the run's is 'both-towers'" in message
-            assert "client-2 (LoRA rank 4, the run's is 8 (set lora_rank = 8" in message
-            assert f"client-3 (base model fingerprint {model_fingerprint(str(other_model))}" in message
-            logged = _messages(caplog, "is online but cannot take part in run itest")
-            assert sorted(line.split()[1] for line in logged) == ["client-0", "client-1", "client-2", "client-3"]
+    with caplog.at_level(logging.INFO), _a_failing_round(config, configs, max_seconds=90, join_s=120) as failed:
+        coordinator, message = failed
+        # The coordinator names every online device it cannot use, in the log and in the failure.
+        assert "only 0 of 4 required eligible clients came online" in message
+        assert "client-0 (it already trained round 3 of run itest, past round 1" in message
+        assert "client-1 (recipe 'text-full', the run's is 'both-towers'" in message
+        assert "client-2 (LoRA rank 4, the run's is 8 (set lora_rank = 8" in message
+        assert f"client-3 (base model fingerprint {model_fingerprint(str(other_model))}" in message
+        logged = _messages(caplog, "is online but cannot take part in run itest")
+        assert sorted(line.split()[1] for line in logged) == ["client-0", "client-1", "client-2", "client-3"]
 
-            # Each device, shown the run's instruction, says why it does not take part.
-            body, meta = adapter_to_body({k: np.asarray(v) for k, v in coordinator.global_tensors.items()})
-            train = Envelope(
-                kind="train",
-                run=config.run_id,
-                sender=config.node_id,
-                round=1,
-                data={
-                    "selected": ["client-0", "client-1", "client-2", "client-3"],
-                    "recipe": config.recipe,
-                    "rank": 8,
-                    "lower_rank_ok": False,
-                    "model_fingerprint": model_fingerprint(str(tiny_model_dir)),
-                },
-                body=body,
-                body_meta=meta,
-            )
-            peer = MqttTransport(mosquitto.url, config.node_id)
-            peer.connect()
-            peer.publish(Message(Topics(config.run_id).instruction, envelope_to_bytes(train), retain=True))
-            peer.close()
-            told = {
-                "client-0": "ignoring the instruction for round 1: this device already trained round 3 of run itest",
-                "client-1": "the run uses recipe 'both-towers' but this device is configured for 'text-full'",
-                "client-2": "this device trains at LoRA rank 4, the run's rank is 8 and its strategy takes no lower",
-                "client-3": f"is not this device's model {other_model}",
-            }
-            _wait(lambda: all(_messages(caplog, text) for text in told.values()), 60, "every device to say why")
-        finally:
-            for t in threads:
-                t.join(120)
+        # Each device, shown the run's instruction, says why it does not take part.
+        body, meta = adapter_to_body({k: np.asarray(v) for k, v in coordinator.global_tensors.items()})
+        train = Envelope(
+            kind="train",
+            run=config.run_id,
+            sender=config.node_id,
+            round=1,
+            data={
+                "selected": ["client-0", "client-1", "client-2", "client-3"],
+                "recipe": config.recipe,
+                "rank": 8,
+                "lower_rank_ok": False,
+                "model_fingerprint": model_fingerprint(str(tiny_model_dir)),
+            },
+            body=body,
+            body_meta=meta,
+        )
+        peer = MqttTransport(mosquitto.url, config.node_id)
+        peer.connect()
+        peer.publish(Message(Topics(config.run_id).instruction, envelope_to_bytes(train), retain=True))
+        peer.close()
+        told = {
+            "client-0": "ignoring the instruction for round 1: this device already trained round 3 of run itest",
+            "client-1": "the run uses recipe 'both-towers' but this device is configured for 'text-full'",
+            "client-2": "this device trains at LoRA rank 4, the run's rank is 8 and its strategy takes no lower",
+            "client-3": f"is not this device's model {other_model}",
+        }
+        _wait(lambda: all(_messages(caplog, text) for text in told.values()), 60, "every device to say why")
 
 
 def test_a_fresh_coordinator_refuses_a_run_id_the_broker_has_results_of(tmp_path, mosquitto, tiny_model_dir):
@@ -146,19 +154,10 @@ def test_a_device_configured_with_another_run_id_is_named_by_the_coordinator(
     config = coordinator_config(
         tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=2, rounds=1, wait_for_clients_s=15.0
     )
-    coordinator = build_coordinator(config)
-    coordinator.start()
-    with caplog.at_level(logging.INFO):
-        _, threads = start_agents([right, wrong], max_seconds=45)
-        try:
-            with pytest.raises(RoundFailed) as failed:
-                coordinator.run()
-            message = str(failed.value)
-            assert "only 1 of 2 required eligible clients came online" in message
-            assert "online under another run id: client-1 (run 'itest-typo')" in message
-            assert "set run_id = 'itest'" in message
-            logged = _messages(caplog, "is online in run 'itest-typo', not in this run 'itest'")
-            assert [line.split()[1] for line in logged] == ["client-1"]  # said once, not per status
-        finally:
-            for t in threads:
-                t.join(60)
+    with caplog.at_level(logging.INFO), _a_failing_round(config, [right, wrong], max_seconds=45, join_s=60) as failed:
+        _, message = failed
+        assert "only 1 of 2 required eligible clients came online" in message
+        assert "online under another run id: client-1 (run 'itest-typo')" in message
+        assert "set run_id = 'itest'" in message
+        logged = _messages(caplog, "is online in run 'itest-typo', not in this run 'itest'")
+        assert [line.split()[1] for line in logged] == ["client-1"]  # said once, not per status
