@@ -55,7 +55,11 @@ class CoordinatorConfig(NodeSettings):
     strategy_params: dict = field(
         factory=dict, help="strategy parameters, e.g. {mu = 0.01}; clip_norm adds clipping, noise_multiplier central DP"
     )
-    local_epochs: int = field(1, help="local epochs per round")
+    local_epochs: float = field(
+        1,
+        help="local epochs per round; a fraction (e.g. 0.25: a quarter of each client's data a round) needs clients "
+        "of protocol 1.3",
+    )
     learning_rate: float = field(5e-5, help="clients' Adam learning rate (paper: 5e-5)")
     weight_decay: float = field(0.2, help="clients' weight decay (paper: 0.2)")
     batch_size: int = field(128, help="clients' batch size (paper: 128); clients may lower it")
@@ -126,7 +130,7 @@ class CoordinatorConfig(NodeSettings):
             (self.round_deadline_s > 0, "round_deadline_s must be > 0"),
             (self.max_round_attempts >= 1, "max_round_attempts must be >= 1"),
             (self.presence_timeout_s > 0, "presence_timeout_s must be > 0"),
-            (self.local_epochs >= 1, "local_epochs must be >= 1"),
+            (self.local_epochs > 0, "local_epochs must be > 0 (a fraction trains part of an epoch a round)"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             ("{label}" in self.prompt_template, "prompt_template must contain {label}"),

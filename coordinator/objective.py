@@ -6,10 +6,15 @@ classes; CLIP's in-batch loss then sees almost no negatives and the clients' upd
 are not private: the coordinator's evaluation data names them (or the config lists them).
 `in-batch` (the default): CLIP's contrastive loss over the texts of each batch only, the paper's, needed for caption
 data. It stays the default because the grid (EXPERIMENTS.md) did not measure class-prompts better under label skew.
+
+How much local training a round holds is stated here too (`local_work_settings`): whole epochs as `local_epochs`,
+or, from protocol 1.3, a fraction of an epoch as `round_epochs` (edge_client/schedule.py says why fewer local steps
+per round help under label skew).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,3 +54,14 @@ def objective_settings(
         )
     calibration = {"logit_calibration": logit_calibration} if logit_calibration > 0 else {}
     return {"class_prompts": prompts, **calibration}
+
+
+def local_work_settings(local_epochs: float) -> dict[str, Any]:
+    """The instruction's `train` keys for a round of `local_epochs` epochs: {"local_epochs": 2} for whole epochs;
+    for a fraction, also {"round_epochs": 0.25} (1.3), with `local_epochs` rounded up for clients older than 1.3,
+    which ignore `round_epochs` (§9) and train the whole epoch: more local work than asked, the same adapter."""
+    if not local_epochs > 0:
+        raise ConfigError(f"local_epochs must be > 0, got {local_epochs}")
+    if float(local_epochs).is_integer():
+        return {"local_epochs": int(local_epochs)}
+    return {"local_epochs": math.ceil(local_epochs), "round_epochs": float(local_epochs)}

@@ -44,7 +44,7 @@ from coordinator.events import (
 from coordinator.intake import EarlyUpdates
 from coordinator.lifecycle import RunLifecycle, pct
 from coordinator.live_view import RoundView
-from coordinator.objective import objective_settings
+from coordinator.objective import local_work_settings, objective_settings
 from coordinator.other_runs import OtherRuns
 from coordinator.outputs import MetricsPlot, ReportWriter
 from coordinator.presence import PresenceCheck
@@ -379,7 +379,7 @@ class Coordinator(RunLifecycle, UpdateIntake):
         settings = self.strategy.configure_train(
             round_,
             {
-                "local_epochs": self.config.local_epochs,
+                **local_work_settings(self.config.local_epochs),
                 "learning_rate": self.config.learning_rate,
                 "weight_decay": self.config.weight_decay,
                 "batch_size": self.config.batch_size,

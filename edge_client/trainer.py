@@ -1,7 +1,8 @@
 """The local training loop: one round of training the recipe's adapter (LoRA factors, or the whole modules a
 baseline recipe trains) on this device's data.
 
-Read it top to bottom: load the global adapter, run `local_epochs` of the model family's loss (CLIP: contrastive)
+Read it top to bottom: load the global adapter, run the round's batches (`edge_client.schedule`: whole local epochs,
+or a slice of one) of the model family's loss (CLIP: contrastive)
 between each image and its text (its class prompt, or its caption), return the new adapter tensors
 and scalar metrics. When the instruction names the run's class prompts (protocol 1.2, `class_prompts`), every
 image of class data is contrasted with all of them, not only with the prompts present in its batch: a client
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +41,7 @@ import numpy as np
 from edge_client.cache import EmbeddingStore, image_key, model_fingerprint
 from edge_client.cache_build import embed_images, resolve_cache_precision
 from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches, release_freed_memory
+from edge_client.schedule import round_batches
 from flora.algorithms import ClientHook, client_hooks_from_instruction
 from flora.data.datasets import LabeledImages, pixel_values
 from flora.errors import ConfigError, ProtocolError
@@ -61,7 +62,7 @@ AUTOCAST_MODES = ("auto", "off", "float16", "bfloat16")
 class TrainSettings:
     """Hyper-parameters the coordinator sends with each instruction (the paper's Adam settings)."""
 
-    local_epochs: int = 1
+    local_epochs: float = 1  # a fraction (1.3's `round_epochs`) walks one stream of batches over rounds (schedule.py)
     learning_rate: float = 5e-5
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
@@ -81,6 +82,8 @@ class TrainSettings:
             raise ValueError(exc.detail) from None
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__ and k != "client_hooks"}
         known["class_prompts"] = tuple(data.get("class_prompts") or ())
+        if "round_epochs" in data:  # 1.3: the exact epochs of a round; `local_epochs` is its whole-number stand-in
+            known["local_epochs"] = data["round_epochs"]
         specs = data.get("client_hooks")
         if specs is None:
             # Coordinators of protocol 1.0 before `client_hooks` sent FedProx and FFA-LoRA as these two
@@ -88,7 +91,7 @@ class TrainSettings:
             specs = [{"name": "fedprox", "params": {"mu": data["proximal_mu"]}}] if data.get("proximal_mu") else []
             specs += [{"name": "ffa_lora", "params": {}}] if data.get("freeze_lora_a") is True else []
         settings = cls(**known, client_hooks=client_hooks_from_instruction(specs))
-        if settings.local_epochs < 1 or settings.batch_size < 1 or not settings.learning_rate > 0:
+        if not settings.local_epochs > 0 or settings.batch_size < 1 or not settings.learning_rate > 0:
             raise ValueError(f"invalid training settings from coordinator: {settings}")
         return settings
 
@@ -519,46 +522,41 @@ class LocalTrainer:
             scaler = torch.amp.GradScaler("cuda")  # fp16 gradients underflow without loss scaling
         batch_size = min(settings.batch_size, self.num_examples)  # the coordinator's, always
         micro, accumulation = self.plan.for_batch(batch_size)
-        steps_per_epoch = math.ceil(self.num_examples / batch_size)
-        rng = np.random.default_rng([self.seed, round_])
+        batches = round_batches(self.num_examples, batch_size, settings.local_epochs, self.seed, round_)
         self.model.train()
         self.meter.reset(collect=False)  # no gc.collect: it would cost more than a step here
         started = time.perf_counter()
         losses: list[float] = []
         step_seconds: list[float] = []
         bar = tqdm(
-            total=settings.local_epochs * steps_per_epoch,
+            total=len(batches),
             desc=f"round {round_}",
             unit="step",
             # Only on a terminal: under systemd the bar's carriage returns garble journald's lines.
             disable=not (self.progress and sys.stderr.isatty()),
             leave=False,
         )
-        for _epoch in range(settings.local_epochs):
-            order = torch.as_tensor(rng.permutation(self.num_examples), device=device)
-            for start in range(0, self.num_examples, batch_size):
-                idx = order[start : start + batch_size]
-                step_started = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                loss = self._accumulate_gradients(idx, text_inputs, micro, scaler, every_text, calibration)
-                for hook in loss_hooks:
-                    term = hook.loss_term(trainable, start_values)
-                    if term is not None:
-                        (scaler.scale(term) if scaler is not None else term).backward()
-                        loss = loss + term.detach()
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"local loss became {loss.item()} in round {round_}; lower the learning rate"
-                    )
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                losses.append(loss.item())  # .item() waits for the GPU, so the step time below is real
-                step_seconds.append(time.perf_counter() - step_started)
-                bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        for batch in batches:
+            idx = torch.as_tensor(batch, device=device)
+            step_started = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = self._accumulate_gradients(idx, text_inputs, micro, scaler, every_text, calibration)
+            for hook in loss_hooks:
+                term = hook.loss_term(trainable, start_values)
+                if term is not None:
+                    (scaler.scale(term) if scaler is not None else term).backward()
+                    loss = loss + term.detach()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"local loss became {loss.item()} in round {round_}; lower the learning rate")
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            losses.append(loss.item())  # .item() waits for the GPU, so the step time below is real
+            step_seconds.append(time.perf_counter() - step_started)
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
         bar.close()
         seconds = time.perf_counter() - started
         peak = self.meter.peak_mb()

@@ -101,9 +101,9 @@ def test_class_prompts_are_read_from_the_instruction_and_bounded():
 
 
 def test_the_field_is_a_minor_version_addition():
-    assert PROTOCOL_VERSION == "1.2"
+    assert PROTOCOL_VERSION == "1.3"
     train = {"selected": ["a"], "train": {"class_prompts": list(PROMPTS)}}
-    for version in ("1.0", "1.1", "1.2", "1.9"):  # another minor: accepted, the field read when present
+    for version in ("1.0", "1.1", "1.2", "1.3", "1.9"):  # another minor: accepted, the field read when present
         env = envelope_from_bytes(
             envelope_to_bytes(Envelope(kind="train", run="r", sender="c", round=1, data=train, version=version))
         )

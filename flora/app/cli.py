@@ -280,7 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
     p.add_argument("--clients", type=int, default=4, help="edge client processes (default: 4)")
     p.add_argument("--rounds", type=int, default=10, help="federated rounds (default: 10)")
-    p.add_argument("--local-epochs", type=int, default=2, help="local epochs per round (default: 2)")
+    p.add_argument(
+        "--local-epochs", type=float, default=2, help="local epochs per round, a fraction allowed (default: 2)"
+    )
     p.add_argument("--recipe", default="both-towers", help="LoRA recipe (default: both-towers; paper: 'paper')")
     p.add_argument("--broker", default=None, help="use this broker (mqtt://HOST:PORT) instead of the embedded one")
     p.add_argument("--seed", type=int, default=0, help="seed for data split and training")

@@ -37,7 +37,7 @@ class DemoSettings:
     out: Path = field(Path("runs/demo"), help="output directory")
     clients: int = field(4, help="number of edge client processes")
     rounds: int = field(10, help="federated rounds")
-    local_epochs: int = field(2, help="local epochs per round")
+    local_epochs: float = field(2, help="local epochs per round (a fraction: part of an epoch a round)")
     learning_rate: float = field(3e-3, help="clients' learning rate (the tiny random model wants more than 5e-5)")
     batch_size: int = field(32, help="local batch size")
     recipe: str = field("both-towers", help="LoRA recipe (the paper's recipe is 'paper')")

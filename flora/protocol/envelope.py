@@ -23,7 +23,7 @@ from typing import Any
 from flora.errors import ProtocolError, RejectReason
 
 MAGIC = b"FLRA"
-PROTOCOL_VERSION = "1.2"  # 1.1: client hooks; 1.2: presence, reject notices, safe ids, class prompts (§9)
+PROTOCOL_VERSION = "1.3"  # what each minor version added: docs/PROTOCOL.md §9
 # Bounded, yet room for a train instruction naming ~8,000 selected nodes of the longest (128-character) ids.
 MAX_HEADER_BYTES = 1024 * 1024
 

@@ -275,6 +275,7 @@ TRAIN_SETTINGS = {  # train.train: AdamW hyper-parameters; the client refuses an
     "client_hooks": Field(passed_on),
     "class_prompts": Field(class_prompts),  # 1.2: the run's classes; the local loss contrasts against all of them
     "logit_calibration": Field(number(0, 100)),  # 1.2: FedLC's tau, with class_prompts
+    "round_epochs": Field(number(0, 1000, above_lo=True)),  # 1.3: a round's epochs, fractional (over local_epochs)
     "proximal_mu": Field(passed_on),  # protocol 1.0's spelling of the fedprox hook (§5.2)
     "freeze_lora_a": Field(passed_on),
 }

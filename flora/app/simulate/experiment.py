@@ -40,7 +40,9 @@ class ExperimentConfig:
     validation_fraction: float = field(0.1, help="share of the training data held out to choose settings")
     clients: int = field(10, help="virtual clients per cell")
     rounds: int = field(8, help="federated rounds per cell")
-    local_epochs: int = field(1, help="local epochs per round")
+    local_epochs: float = field(
+        1, help="local epochs per round; a fraction (0.25) spreads the same total epochs over more, shorter rounds"
+    )
     batch_size: int = field(32, help="clients' batch size")
     learning_rate: float = field(5e-3, help="clients' Adam learning rate")
     weight_decay: float = field(0.2, help="clients' weight decay")
@@ -74,6 +76,8 @@ class ExperimentConfig:
     seeds: list[int] = field(factory=lambda: [0], help="seeds: data split, selection, initial adapter")
 
     def __post_init__(self):
+        if float(self.local_epochs).is_integer():  # reports write 1, not 1.0, as before fractions
+            self.local_epochs = int(self.local_epochs)
         for recipe in self.recipes:
             get_recipe(recipe)
         for split in self.splits:
@@ -93,7 +97,7 @@ class ExperimentConfig:
         checks = [
             (self.clients >= 1, "clients must be >= 1"),
             (self.rounds >= 1, "rounds must be >= 1"),
-            (self.local_epochs >= 1, "local_epochs must be >= 1"),
+            (self.local_epochs > 0, "local_epochs must be > 0"),
             (0 < self.test_fraction < 1, "test_fraction must be in (0, 1)"),
             (0 <= self.validation_fraction < 1, "validation_fraction must be in [0, 1)"),
             (all(self.recipes) and self.splits and self.strategies and self.objectives and self.seeds, "empty axis"),
