@@ -12,6 +12,7 @@ from flora.config import field, load_config
 from flora.errors import ConfigError
 from flora.modeling.recipes import get_recipe
 from flora.modeling.scoring import DEFAULT_TEMPLATE
+from flora.protocol.schema import OPTIMIZERS
 from flora.settings import NodeSettings
 
 ENV_PREFIX = "FLORA_COORDINATOR_"
@@ -60,7 +61,13 @@ class CoordinatorConfig(NodeSettings):
         help="local epochs per round; a fraction (e.g. 0.25: a quarter of each client's data a round) needs clients "
         "of protocol 1.3",
     )
-    learning_rate: float = field(5e-5, help="clients' Adam learning rate (paper: 5e-5)")
+    client_optimizer: str = field(
+        "adamw",
+        help="clients' local optimizer: adamw (the paper's) or sgd (plain SGD, no momentum: the clients' steps then "
+        "average into the pooled data's gradient; pair it with a server optimizer, fedavgm or fedadam, and an SGD "
+        "learning rate). sgd needs clients of protocol 1.3",
+    )
+    learning_rate: float = field(5e-5, help="clients' learning rate (paper: AdamW at 5e-5)")
     weight_decay: float = field(0.2, help="clients' weight decay (paper: 0.2)")
     batch_size: int = field(128, help="clients' batch size (paper: 128); clients may lower it")
     prompt_template: str = field(DEFAULT_TEMPLATE, help="class prompt; {label} is the class name")
@@ -132,6 +139,7 @@ class CoordinatorConfig(NodeSettings):
             (self.presence_timeout_s > 0, "presence_timeout_s must be > 0"),
             (self.local_epochs > 0, "local_epochs must be > 0 (a fraction trains part of an epoch a round)"),
             (self.learning_rate > 0, "learning_rate must be > 0"),
+            (self.client_optimizer in OPTIMIZERS, f"client_optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             ("{label}" in self.prompt_template, "prompt_template must contain {label}"),
             (self.max_update_norm is None or self.max_update_norm > 0, "max_update_norm must be > 0"),

@@ -9,7 +9,9 @@ that message. A node is not used when (in this order):
 - its LoRA rank is not the run's (a lower one is fine when the strategy takes lower ranks, e.g. svd_lora);
 - it already trained a round past the one about to open (its progress is of an earlier run with this run id: it
   would ignore the instruction);
-- it does not meet min_client_memory_mb or require_4bit.
+- it does not meet min_client_memory_mb or require_4bit;
+- its status is written in a protocol minor older than the run's settings need (e.g. 1.3's `round_epochs`, or
+  the `optimizer` a client of 1.2 would not read and would train the run's SGD learning rate with AdamW).
 
 A field the node does not announce (an older client) is not held against it, as before.
 """
@@ -30,6 +32,8 @@ class Eligibility:
     fingerprint: str | None
     model: str
     requirements: Requirements
+    needs_minor: int = 0  # the protocol minor the run's instruction needs its clients to read (§9)
+    needs_because: str = ""  # the setting that needs it, for the reason logged
 
     def why_not(self, info: NodeInfo, round_: int) -> str | None:
         """None if `info` can take part in `round_`, else the reason and the fix, in a few words."""
@@ -48,6 +52,11 @@ class Eligibility:
                 f"it already trained round {info.last_round_trained} of run {self.run_id}, past round {round_}: it "
                 "ignores rounds it believes done (a reused run_id? give the run a new one, or clear the device's "
                 "state_dir)"
+            )
+        if info.protocol_minor is not None and info.protocol_minor < self.needs_minor:
+            return (
+                f"it speaks protocol 1.{info.protocol_minor}, and {self.needs_because} needs 1.{self.needs_minor} "
+                "(upgrade flora-edge on it, or change that setting)"
             )
         return self.requirements.why_not(info.capabilities)
 

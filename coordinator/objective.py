@@ -7,9 +7,11 @@ are not private: the coordinator's evaluation data names them (or the config lis
 `in-batch` (the default): CLIP's contrastive loss over the texts of each batch only, the paper's, needed for caption
 data. It stays the default because the grid (EXPERIMENTS.md) did not measure class-prompts better under label skew.
 
-How much local training a round holds is stated here too (`local_work_settings`): whole epochs as `local_epochs`,
-or, from protocol 1.3, a fraction of an epoch as `round_epochs` (edge_client/schedule.py says why fewer local steps
-per round help under label skew).
+How much local training a round holds, and with which optimizer, is stated here too (`local_work_settings`): whole
+epochs as `local_epochs` or, from protocol 1.3, a fraction of an epoch as `round_epochs` (edge_client/schedule.py
+says why fewer local steps per round help under label skew); AdamW, the paper's, or (1.3) plain SGD, whose steps
+average into the pooled data's gradient where AdamW's per-client normalised steps do not (FedOpt, Reddi et al.
+2021: SGD on the clients, the adaptive step on the server). `protocol_needed` says which clients can follow them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 
 from flora.errors import ConfigError
 from flora.modeling.scoring import class_prompts
-from flora.protocol.schema import MAX_CLASS_PROMPTS, MAX_PROMPT_CHARS
+from flora.protocol.schema import MAX_CLASS_PROMPTS, MAX_PROMPT_CHARS, OPTIMIZERS
 
 OBJECTIVES = ("class-prompts", "in-batch")
 
@@ -56,12 +58,28 @@ def objective_settings(
     return {"class_prompts": prompts, **calibration}
 
 
-def local_work_settings(local_epochs: float) -> dict[str, Any]:
-    """The instruction's `train` keys for a round of `local_epochs` epochs: {"local_epochs": 2} for whole epochs;
-    for a fraction, also {"round_epochs": 0.25} (1.3), with `local_epochs` rounded up for clients older than 1.3,
-    which ignore `round_epochs` (§9) and train the whole epoch: more local work than asked, the same adapter."""
+def local_work_settings(local_epochs: float, optimizer: str = "adamw") -> dict[str, Any]:
+    """The instruction's `train` keys for a round of `local_epochs` epochs with `optimizer`: {"local_epochs": 2} for
+    whole epochs with AdamW; for a fraction, also {"round_epochs": 0.25} (1.3), `local_epochs` being the fraction
+    rounded up, and {"optimizer": "sgd"} (1.3) for SGD. The coordinator selects only clients of 1.3 for either
+    (`protocol_needed`): an older one would ignore the keys and train something else."""
     if not local_epochs > 0:
         raise ConfigError(f"local_epochs must be > 0, got {local_epochs}")
-    if float(local_epochs).is_integer():
-        return {"local_epochs": int(local_epochs)}
-    return {"local_epochs": math.ceil(local_epochs), "round_epochs": float(local_epochs)}
+    if optimizer not in OPTIMIZERS:
+        raise ConfigError(f"client_optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    settings: dict[str, Any] = {"local_epochs": math.ceil(local_epochs)}
+    if not float(local_epochs).is_integer():
+        settings["round_epochs"] = float(local_epochs)
+    if optimizer != "adamw":
+        settings["optimizer"] = optimizer
+    return settings
+
+
+def protocol_needed(local_epochs: float, optimizer: str = "adamw") -> tuple[int, str]:
+    """The protocol minor a client must speak to follow these settings, and the setting that needs it."""
+    needs = []
+    if not float(local_epochs).is_integer():
+        needs.append(f"local_epochs = {local_epochs}")
+    if optimizer != "adamw":
+        needs.append(f"client_optimizer = {optimizer!r}")
+    return (3, " and ".join(needs)) if needs else (0, "")

@@ -22,6 +22,7 @@ import numpy as np
 
 from flora.algorithms import Candidate
 from flora.errors import ProtocolError
+from flora.protocol.envelope import minor
 from flora.protocol.schema import check_data
 from flora.records import json_safe
 from flora.throttled_log import ThrottledLog
@@ -65,6 +66,7 @@ class NodeInfo:
     rank: int | None = None
     fingerprint: str | None = None
     last_round_trained: int | None = None
+    protocol_minor: int | None = None  # the minor version its status was written in: the fields it knows (§9)
     instances: list[str] = field(default_factory=list)  # the last two process instances seen announcing this node
     ineligible: str | None = None  # why it cannot take part, as last logged
 
@@ -82,8 +84,9 @@ class Registry:
         # (coordinator/presence.py): not offered for selection until they answer.
         self.unconfirmed: set[str] = set()
 
-    def update(self, node: str, data: dict[str, Any]) -> NodeInfo:
-        """Apply `node`'s status; one that breaks the status schema changes nothing (logged, never raised)."""
+    def update(self, node: str, data: dict[str, Any], protocol: str | None = None) -> NodeInfo:
+        """Apply `node`'s status (written in `protocol`, the envelope's version); one that breaks the status schema
+        changes nothing (logged, never raised)."""
         try:
             data = check_data("status", data, sender=node)
         except ProtocolError as exc:
@@ -103,6 +106,8 @@ class Registry:
         info.rank = data.get("rank", info.rank)
         info.fingerprint = data.get("model_fingerprint", info.fingerprint)
         info.last_round_trained = data.get("last_round_trained", info.last_round_trained)
+        if protocol is not None:
+            info.protocol_minor = minor(protocol)
         self._note_instance(info, data.get("instance"))
         info.last_seen = time.time()
         return info

@@ -44,7 +44,7 @@ from coordinator.events import (
 from coordinator.intake import EarlyUpdates
 from coordinator.lifecycle import RunLifecycle, pct
 from coordinator.live_view import RoundView
-from coordinator.objective import local_work_settings, objective_settings
+from coordinator.objective import local_work_settings, objective_settings, protocol_needed
 from coordinator.other_runs import OtherRuns
 from coordinator.outputs import MetricsPlot, ReportWriter
 from coordinator.presence import PresenceCheck
@@ -93,6 +93,7 @@ class Coordinator(RunLifecycle, UpdateIntake):
         self.strategy = strategy
         self.topics = Topics(config.run_id)
         self.requirements = Requirements(config.min_client_memory_mb, config.require_4bit)
+        needs_minor, needs_because = protocol_needed(config.local_epochs, config.client_optimizer)
         self.eligibility = Eligibility(
             run_id=config.run_id,
             recipe=config.recipe,
@@ -101,6 +102,8 @@ class Coordinator(RunLifecycle, UpdateIntake):
             fingerprint=model_fingerprint(config.model),
             model=config.model,
             requirements=self.requirements,
+            needs_minor=needs_minor,
+            needs_because=needs_because,
         )
         self.checkpoints = CheckpointStore(config.checkpoint_dir)
         self.auth = Authenticator(config)  # signs what we publish; verifies devices (when keys are configured)
@@ -311,7 +314,7 @@ class Coordinator(RunLifecycle, UpdateIntake):
         if env.run == self.config.run_id and env.sender != self.config.node_id and env.kind == "status":
             if not self.auth.status_ok(message.payload, env):
                 return None
-            info = self.registry.update(env.sender, env.data)
+            info = self.registry.update(env.sender, env.data, protocol=env.version)
             self.other_runs.joined(env.sender)
             answers = env.data.get("answers") if isinstance(env.data, dict) else None
             self.presence.heard(env.sender, retained=message.retain, answers=answers)
@@ -379,7 +382,7 @@ class Coordinator(RunLifecycle, UpdateIntake):
         settings = self.strategy.configure_train(
             round_,
             {
-                **local_work_settings(self.config.local_epochs),
+                **local_work_settings(self.config.local_epochs, self.config.client_optimizer),
                 "learning_rate": self.config.learning_rate,
                 "weight_decay": self.config.weight_decay,
                 "batch_size": self.config.batch_size,

@@ -378,9 +378,11 @@ class EdgeAgent:
         self.rounds_trained += 1
         self._announce()  # last_round_trained moved on: say so now
         log.info(
-            "round %d: sent update (%d bytes, loss %.4f, %.1fs)",
+            "round %d: sent update (%d bytes, %d step%s, loss %.4f, %.1fs)",
             round_,
             len(payload),
+            metrics["steps"],
+            "" if metrics["steps"] == 1 else "s",
             metrics["train_loss"],
             metrics["seconds"],
         )

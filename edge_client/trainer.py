@@ -67,6 +67,7 @@ class TrainSettings:
     weight_decay: float = 0.2
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6
+    optimizer: str = "adamw"  # 1.3: or "sgd" (plain, no momentum; weight decay as L2), for a server optimizer
     batch_size: int = 128
     prompt_template: str = scoring.DEFAULT_TEMPLATE
     client_hooks: tuple[ClientHook, ...] = ()  # the strategy's client halves (FedProx, FFA-LoRA, ...), in order
@@ -94,6 +95,19 @@ class TrainSettings:
         if not settings.local_epochs > 0 or settings.batch_size < 1 or not settings.learning_rate > 0:
             raise ValueError(f"invalid training settings from coordinator: {settings}")
         return settings
+
+
+def make_optimizer(params, settings: TrainSettings):
+    """The round's optimizer, fresh each round. AdamW is the paper's. Plain SGD (1.3) is for a server optimizer
+    (fedavgm, fedadam): an AdamW step is normalised per client, so averaging the clients' steps is not a step along
+    the average gradient; with SGD, one step a round (a fraction of an epoch) averages into exactly that."""
+    import torch
+
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(
+        params, lr=settings.learning_rate, betas=settings.betas, eps=settings.eps, weight_decay=settings.weight_decay
+    )
 
 
 def resolve_autocast(mode: str, device: str):
@@ -510,13 +524,7 @@ class LocalTrainer:
         loss_hooks = [hook for hook in hooks if hook.adds_loss_term]
         # The round's start values, only when a loss term needs them (a copy of every trainable tensor).
         start_values = {name: p.detach().clone() for name, p in trainable.items()} if loss_hooks else {}
-        optimizer = torch.optim.AdamW(
-            params,
-            lr=settings.learning_rate,
-            betas=settings.betas,
-            eps=settings.eps,
-            weight_decay=settings.weight_decay,
-        )
+        optimizer = make_optimizer(params, settings)
         scaler = None
         if self.autocast_dtype == torch.float16 and device.startswith("cuda"):
             scaler = torch.amp.GradScaler("cuda")  # fp16 gradients underflow without loss scaling

@@ -97,6 +97,13 @@ def major(version: Any) -> int:
         ) from None
 
 
+def minor(version: Any) -> int | None:
+    """The minor part of MAJOR.MINOR, or None where there is none (the tolerated "1" or 1): what a peer's
+    version says about the fields it knows (§9)."""
+    parts = str(version)[:32].split(".")
+    return int(parts[1]) if len(parts) > 1 and parts[1].isdigit() else None
+
+
 def read_header(payload: bytes, *, check_version: bool = True) -> tuple[dict[str, Any], int]:
     """The JSON header of an envelope and where its body starts; checks only the framing and the version.
 

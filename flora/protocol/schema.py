@@ -264,6 +264,8 @@ HEALTH = {  # status.health: shown by `flora status` and the dashboard only; a b
     "agent_version": text(32),
 }
 
+OPTIMIZERS = ("adamw", "sgd")  # train.optimizer (1.3): the clients' local optimizer
+
 TRAIN_SETTINGS = {  # train.train: AdamW hyper-parameters; the client refuses an instruction that breaks one
     "local_epochs": Field(integer(1, 1000)),
     "learning_rate": Field(number(0, 10, above_lo=True)),
@@ -276,6 +278,7 @@ TRAIN_SETTINGS = {  # train.train: AdamW hyper-parameters; the client refuses an
     "class_prompts": Field(class_prompts),  # 1.2: the run's classes; the local loss contrasts against all of them
     "logit_calibration": Field(number(0, 100)),  # 1.2: FedLC's tau, with class_prompts
     "round_epochs": Field(number(0, 1000, above_lo=True)),  # 1.3: a round's epochs, fractional (over local_epochs)
+    "optimizer": Field(text(16, OPTIMIZERS)),  # 1.3: the local optimizer; absent: adamw
     "proximal_mu": Field(passed_on),  # protocol 1.0's spelling of the fedprox hook (§5.2)
     "freeze_lora_a": Field(passed_on),
 }

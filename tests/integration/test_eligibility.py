@@ -161,3 +161,46 @@ def test_a_device_configured_with_another_run_id_is_named_by_the_coordinator(
         assert "set run_id = 'itest'" in message
         logged = _messages(caplog, "is online in run 'itest-typo', not in this run 'itest'")
         assert [line.split()[1] for line in logged] == ["client-1"]  # said once, not per status
+
+
+def test_a_run_of_protocol_1_3_settings_leaves_out_a_device_of_1_2_and_trains_with_the_rest(
+    tmp_path, mosquitto, tiny_model_dir, digits, digits_split, test_folder, caplog
+):
+    # A device of protocol 1.2 would ignore round_epochs and optimizer and train whole epochs of AdamW at the run's
+    # SGD learning rate: the coordinator must not select it, and must say why.
+    train_idx, _ = digits_split
+    (data_dir,) = stage_clients(tmp_path, digits, train_idx, clients=1, per_client=40)
+    (agent_config,) = client_configs(tmp_path, tiny_model_dir, mosquitto.url, [data_dir])
+    settings = dict(local_epochs=0.5, client_optimizer="sgd", learning_rate=0.5, weight_decay=0.0)
+    old = Envelope(kind="status", run="itest", sender="client-old", data={"state": "online"}, version="1.2")
+    peer = MqttTransport(mosquitto.url, "client-old")
+    peer.connect()
+    peer.publish(Message(Topics("itest").status("client-old"), envelope_to_bytes(old), retain=True))
+    peer.close()
+    config = coordinator_config(
+        tmp_path, tiny_model_dir, mosquitto.url, test_folder, clients=2, rounds=1, wait_for_clients_s=15.0, **settings
+    )
+    with caplog.at_level(logging.INFO), _a_failing_round(config, [agent_config], max_seconds=40, join_s=60) as failed:
+        _, message = failed
+        assert "only 1 of 2 required eligible clients came online" in message
+        assert (
+            "client-old (it speaks protocol 1.2, and local_epochs = 0.5 and client_optimizer = 'sgd' needs 1.3 "
+            "(upgrade flora-edge on it" in message
+        )
+
+    # With the 1.3 device alone the run trains: half an epoch of SGD a round.
+    config = coordinator_config(
+        tmp_path / "second", tiny_model_dir, mosquitto.url, test_folder, clients=1, rounds=2, run_id="itest2",
+        **settings,
+    )  # fmt: skip
+    agent_config = dataclasses.replace(agent_config, run_id="itest2", state_dir=tmp_path / "second" / "state")
+    coordinator = build_coordinator(config)
+    coordinator.start()
+    with caplog.at_level(logging.INFO):
+        _, threads = start_agents([agent_config], max_seconds=120)
+        report = coordinator.run()
+        for t in threads:
+            t.join(60)
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
+    # 40 examples at batch 32 are 2 batches an epoch: half an epoch is one step, in each round.
+    assert len(_messages(caplog, "sent update")) == 2 and len(_messages(caplog, " bytes, 1 step, loss")) == 2

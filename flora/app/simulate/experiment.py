@@ -18,6 +18,7 @@ from flora.algorithms.registry import recipe_problem
 from flora.config import field, load_config
 from flora.errors import ConfigError
 from flora.modeling.recipes import get_recipe
+from flora.protocol.schema import OPTIMIZERS
 
 ENV_PREFIX = "FLORA_SIMULATE_"
 OBJECTIVES = ("class-prompts", "in-batch", "class-prompts-lc")  # -lc: with FedLC's logit calibration
@@ -44,7 +45,8 @@ class ExperimentConfig:
         1, help="local epochs per round; a fraction (0.25) spreads the same total epochs over more, shorter rounds"
     )
     batch_size: int = field(32, help="clients' batch size")
-    learning_rate: float = field(5e-3, help="clients' Adam learning rate")
+    client_optimizer: str = field("adamw", help="clients' optimizer: adamw or sgd (for a server optimizer)")
+    learning_rate: float = field(5e-3, help="clients' learning rate")
     weight_decay: float = field(0.2, help="clients' weight decay")
     prompt_template: str = field("a photo of the digit {label}.", help="class prompt; {label} is the class name")
     wire_encoding: str = field("float32", help="adapter encoding on the wire")
@@ -98,6 +100,7 @@ class ExperimentConfig:
             (self.clients >= 1, "clients must be >= 1"),
             (self.rounds >= 1, "rounds must be >= 1"),
             (self.local_epochs > 0, "local_epochs must be > 0"),
+            (self.client_optimizer in OPTIMIZERS, f"client_optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (0 < self.test_fraction < 1, "test_fraction must be in (0, 1)"),
             (0 <= self.validation_fraction < 1, "validation_fraction must be in [0, 1)"),
             (all(self.recipes) and self.splits and self.strategies and self.objectives and self.seeds, "empty axis"),

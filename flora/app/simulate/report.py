@@ -18,9 +18,9 @@ from flora.files import atomic_write_bytes, atomic_write_json
 
 COLUMNS = (
     "key", "recipe", "split", "strategy", "objective", "seed", "model", "clients", "rounds", "local_epochs",
-    "train_examples", "initial_validation_accuracy", "final_validation_accuracy", "test_accuracy", "test_loss",
-    "trainable_parameters", "bytes_per_update", "bytes_per_round", "seconds_per_round", "peak_rss_mb", "seconds",
-    "validation_accuracy_per_round",
+    "client_optimizer", "train_examples", "initial_validation_accuracy", "final_validation_accuracy", "test_accuracy",
+    "test_loss", "trainable_parameters", "bytes_per_update", "bytes_per_round", "seconds_per_round", "peak_rss_mb",
+    "seconds", "validation_accuracy_per_round",
 )  # fmt: skip
 
 
