@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.cache import EmbeddingStore, image_key, model_fingerprint
+from edge_client.cache import EmbeddingStore, ModelKeyMemo, image_key
 from edge_client.cache_build import embed_images, resolve_cache_precision
 from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches, release_freed_memory
 from flora.algorithms import ClientHook, client_hooks_from_instruction
@@ -200,7 +200,7 @@ class LocalTrainer:
 
     def _current_model_key(self) -> str:
         precision = f"{self.clip.compute_dtype}/autocast={self.autocast_dtype}/cache={self.cache_precision}"
-        return model_fingerprint(self.clip, precision=precision)
+        return ModelKeyMemo(self.cache_dir).model_key(self.clip, precision=precision)
 
     def _load_or_build_image_cache(self, cache_dir: str | Path | None) -> None:
         """Every image's embedding, from the store where it holds the image's row, else computed; then the

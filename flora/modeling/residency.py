@@ -165,5 +165,7 @@ def restore_image_path(loaded: Any) -> dict[str, Any]:
         module.train(base.training)
         setattr(base, name, module)
         modules[name] = module
+    # The image path is now the one this load read: what the image cache's key memo must describe.
+    loaded.checkpoint_identity = fresh.checkpoint_identity
     del fresh  # the text side of the second copy goes; the image path lives on in `base`
     return modules
