@@ -246,7 +246,9 @@ class LocalTrainer:
             log.info("image embeddings: reusing the cache in %s (%d images)", store.path, len(keys))
         released = release_image_path(self.clip) if self.release_vision_tower else 0
         if missing:  # the build's activations, freed to the C heap, go back to the OS (~95 MB on ViT-B/32)
-            release_freed_memory(collect=not released)  # a release has just collected garbage: once is enough
+            # Released: the tower is gone already (by reference counting, or by the release's own collection),
+            # and the activations went when the build returned; without the release, collect what may hold it.
+            release_freed_memory(collect=not released)
         self.cache_seconds = time.perf_counter() - started
         self.cache_cpu_seconds = time.process_time() - started_cpu  # the process's: steadier on a loaded machine
 
