@@ -64,7 +64,7 @@ def _header(clip: Any, precision: str) -> dict:
 def model_fingerprint(clip: Any, precision: str = "") -> str:
     """Identity of everything an image embedding depends on besides the image (see the module docstring).
 
-    It reads every tensor of the image path (ViT-B/32: 350 MB, ~0.2 s of SHA-256 and the first touch of the
+    It reads every tensor of the image path (ViT-B/32: 350 MB, 0.2-0.6 s of SHA-256 and the first touch of the
     mapped checkpoint): `ModelKeyMemo` spares a restart that cost.
     """
     model = getattr(clip.model, "get_base_model", lambda: clip.model)()
