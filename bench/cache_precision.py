@@ -17,6 +17,10 @@ Two measurements, side by side in one run:
   the relative L2 error of each precision's rows against the float32 ones, and the build time of each (single
   thread).
 
+Trials beside the precisions: `--noise-control` (float32 rows moved by random noise of a chosen size) and
+`--mean-correction K,...` (bfloat16 rows less their mean difference from the float32 rows of the first K training
+images, as embedding K images in float32 as well would measure it: is bfloat16's shift of the result systematic?).
+
 Prints one JSON object on stdout; progress goes to stderr.
 """
 
@@ -79,7 +83,20 @@ def perturb(rows: Any, relative: float, seed: int) -> None:
     rows += noise / noise.norm(dim=1, keepdim=True) * rows.norm(dim=1, keepdim=True) * relative
 
 
-def demo_task(seed: int, model_dir: Path, precisions: list[str], noise: float = 0.0) -> dict[str, Any]:
+MEAN_CORRECTED = "bfloat16-mean{}"  # the trial: bfloat16 rows less their mean error, measured on k images
+
+
+def correct_mean(rows: Any, exact: Any, images: int) -> None:
+    """Move `rows` (normalised embeddings), in place, by the mean of `exact - rows` over their first `images` rows
+    (what embedding those images in float32 as well would measure), then normalise them again."""
+    shift = (exact[:images] - rows[:images]).mean(dim=0)
+    rows += shift
+    rows /= rows.norm(dim=1, keepdim=True)
+
+
+def demo_task(
+    seed: int, model_dir: Path, precisions: list[str], noise: float = 0.0, mean_correction: tuple[int, ...] = ()
+) -> dict[str, Any]:
     from edge_client.trainer import LocalTrainer, TrainSettings
     from flora.data.datasets import pixel_values
     from flora.data.digits import DIGIT_TEMPLATE, load_digits_images
@@ -93,7 +110,9 @@ def demo_task(seed: int, model_dir: Path, precisions: list[str], noise: float = 
     train, test = data.subset(train_idx), data.subset(test_idx)
     settings = TrainSettings(local_epochs=2, learning_rate=3e-3, batch_size=32, prompt_template=DIGIT_TEMPLATE)
     out: dict[str, Any] = {"seed": seed, "train_images": len(train), "test_images": len(test)}
-    for precision in ("float32", *precisions, *([NOISE] if noise else [])):
+    trials = [*([NOISE] if noise else []), *(MEAN_CORRECTED.format(k) for k in mean_correction)]
+    exact = None
+    for precision in ("float32", *precisions, *trials):
         clip = load_clip(model_dir)
         started = time.perf_counter()
         trainer = LocalTrainer(
@@ -103,11 +122,15 @@ def demo_task(seed: int, model_dir: Path, precisions: list[str], noise: float = 
             seed=seed,
             max_batch_size=32,
             progress=False,
-            cache_precision="float32" if precision == NOISE else precision,
+            cache_precision="float32" if precision == NOISE else precision.split("-")[0],
         )
         build_s = time.perf_counter() - started
+        if precision == "float32":
+            exact = trainer.image_embeds.clone()
         if precision == NOISE:
             perturb(trainer.image_embeds, noise, seed)
+        if precision.startswith("bfloat16-mean"):
+            correct_mean(trainer.image_embeds, exact, int(precision.removeprefix("bfloat16-mean")))
         start = {k: v.numpy() for k, v in trainer.adapter_state().items()}
         trainer.train_round(start, settings, round_=1)
         accuracy = scoring.evaluate(  # through the fp32 tower (reloaded on use), as the exported model sees images
@@ -120,7 +143,7 @@ def demo_task(seed: int, model_dir: Path, precisions: list[str], noise: float = 
         out[precision] = {"test_accuracy": accuracy, "cache_build_s": build_s}
         log(f"  seed {seed} {precision}: accuracy {accuracy:.4f}, cache {build_s:.2f}s")
     exact = out["float32"]["test_accuracy"]
-    compared = [*precisions, *([NOISE] if noise else [])]
+    compared = [*precisions, *trials]
     out["accuracy_gap_points"] = {p: 100 * abs(out[p]["test_accuracy"] - exact) for p in compared}
     return out
 
@@ -178,6 +201,12 @@ def main() -> None:
         help="also train on float32 rows each moved by a random vector of this relative L2 size (0: off), to see "
         "what gap an error of that size, in no particular direction, makes (bfloat16's: 0.0043)",
     )
+    parser.add_argument(
+        "--mean-correction",
+        default="",
+        help="also train on bfloat16 rows less the mean bfloat16-vs-float32 difference measured on the first K "
+        "training images, for each K of this comma-separated list (a trial, not a cache precision)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     import torch
@@ -189,6 +218,9 @@ def main() -> None:
     from edge_client.cache_build import resolve_cache_precision
 
     precisions = [p.strip() for p in (args.precisions or default_precisions()).split(",") if p.strip()]
+    mean_correction = tuple(int(k) for k in args.mean_correction.split(",") if k.strip())
+    if mean_correction and "bfloat16" not in precisions:
+        parser.error("--mean-correction corrects bfloat16 rows: add bfloat16 to --precisions")
     for precision in precisions:  # refused here, with the reason, rather than after the pre-training
         resolve_cache_precision(precision, device="cpu", autocast_dtype=None, quantized=False)
     report: dict[str, Any] = {"torch_threads": args.threads, "target_points": TARGET_POINTS, "precisions": precisions}
@@ -198,9 +230,10 @@ def main() -> None:
         runs = []
         for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
             log(f"demo task, seed {seed}")
-            runs.append(demo_task(seed, tiny, precisions, args.noise_control))
+            runs.append(demo_task(seed, tiny, precisions, args.noise_control, mean_correction))
         report["demo_task"] = {"recipe": "paper", "runs": runs, "noise_control": args.noise_control}
-        for precision in [*precisions, *([NOISE] if args.noise_control else [])]:
+        trials = [*([NOISE] if args.noise_control else []), *(MEAN_CORRECTED.format(k) for k in mean_correction)]
+        for precision in [*precisions, *trials]:
             gaps = [r["accuracy_gap_points"][precision] for r in runs]
             report["demo_task"][precision] = {
                 "max_gap_points": max(gaps),

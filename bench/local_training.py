@@ -283,9 +283,10 @@ def trainer_variant(
     load_s = time.perf_counter() - started
     load_peak_mb = status_mb("VmHWM")  # the process's own: no reset has happened yet
     loaded_rss_mb = status_mb("VmRSS")
-    # What every restart pays to check the on-disk cache: fingerprint the vision tower and the images (timed
+    # What checking the on-disk cache costs: fingerprint the vision tower (hashing its tensors, as the first start
+    # does; a restart reads the fingerprint from the memo beside the cache, timed below) and the images (timed
     # here, while the tower is resident; the trainer releases it once the cache is complete).
-    from edge_client.cache import image_key, model_fingerprint
+    from edge_client.cache import MEMO_FILE_NAME, image_key, model_fingerprint
 
     t = time.perf_counter()
     model_fingerprint(clip)
@@ -306,6 +307,13 @@ def trainer_variant(
             release_vision_tower=name != "paper_cached_resident",
             memory_budget_mb=budget_mb,
         )
+        # A restart's model check: the memo written by the build answers (absent where the checkpoint was
+        # written less than 2 s before it was loaded: its identity was not settled).
+        memo_check_s = None
+        if (Path(cache_dir) / MEMO_FILE_NAME).is_file():
+            t = time.perf_counter()
+            trainer._current_model_key()
+            memo_check_s = time.perf_counter() - t
     settings = TrainSettings(
         local_epochs=1,
         batch_size=batch,
@@ -355,6 +363,7 @@ def trainer_variant(
         "later_round_cpu_s": statistics.median(later_cpu),
         "round_seconds": round_s,
         "cache_check_model_s": fingerprint_model_s,
+        "cache_check_model_memo_s": memo_check_s,
         "cache_check_images_s": fingerprint_images_s,
         # The trainer's meter resets at each round's start and reads at the end: VmHWM on CPU, CUDA allocation on GPU.
         "peak_train_rss_mb": max(peaks) if DEVICE == "cpu" else status_mb("VmHWM"),

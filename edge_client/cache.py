@@ -14,7 +14,9 @@ The file holds one row per distinct image, keyed by the image's content hash, an
 So the cache is incremental: a new or edited image costs one embedding, a removed one costs nothing, and
 the rows of the images that stayed are reused (whatever their order). Content hashes rather than file
 dates: copying a dataset or a model elsewhere keeps the cache valid, and an edit that keeps a file's size
-and date still invalidates its row.
+and date still invalidates its row. Hashing the model's tensors on every start would cost more than the rest of
+the check, so the model fingerprint is remembered beside the cache by the checkpoint files' identity
+(`ModelKeyMemo`, which says why that is safe) and taken again only when that identity changes.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "2"  # 2: rows keyed by image content (1: one data fingerprint for all)
 FILE_NAME = "image_embeddings.safetensors"
+MEMO_FILE_NAME = "image_embeddings.model_key.json"  # ModelKeyMemo's
 
 
 def _plain(config: dict) -> dict:
@@ -45,11 +48,10 @@ def _hash_tensor(digest: Any, name: str, tensor: Any) -> None:
     digest.update(memoryview(flat.view(torch.uint8).numpy()))
 
 
-def model_fingerprint(clip: Any, precision: str = "") -> str:
-    """Identity of everything an image embedding depends on besides the image (see the module docstring)."""
+def _header(clip: Any, precision: str) -> dict:
+    """What an embedding depends on besides the image and the image path's tensors: cheap to read."""
     model = getattr(clip.model, "get_base_model", lambda: clip.model)()
-    digest = hashlib.sha256(f"flora-image-embeddings/{CACHE_FORMAT}".encode())
-    header = {
+    return {
         "family": clip.family.name,
         "vision_config": _plain(model.config.vision_config.to_dict()),
         "projection_dim": getattr(model.config, "projection_dim", None),  # SigLIP has none
@@ -57,11 +59,96 @@ def model_fingerprint(clip: Any, precision: str = "") -> str:
         "quantization": clip.quantization,
         "precision": precision,  # compute dtype, autocast
     }
-    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+
+
+def model_fingerprint(clip: Any, precision: str = "") -> str:
+    """Identity of everything an image embedding depends on besides the image (see the module docstring).
+
+    It reads every tensor of the image path (ViT-B/32: 350 MB, 0.2-0.6 s of SHA-256 and the first touch of the
+    mapped checkpoint): `ModelKeyMemo` spares a restart that cost.
+    """
+    model = getattr(clip.model, "get_base_model", lambda: clip.model)()
+    digest = hashlib.sha256(f"flora-image-embeddings/{CACHE_FORMAT}".encode())
+    digest.update(json.dumps(_header(clip, precision), sort_keys=True, default=str).encode())
     for prefix, module in clip.family.image_path(model):
         for name, tensor in sorted(module.state_dict().items()):
             _hash_tensor(digest, f"{prefix}.{name}", tensor)
     return digest.hexdigest()
+
+
+class ModelKeyMemo:
+    """`model_fingerprint` remembered beside the image cache, by what the file system says about the checkpoint.
+
+    The fingerprint hashes the image path's tensors as loaded; on every start, that is the one cost of checking
+    the cache that grows with the model. The memo (one small JSON file in the cache directory) keeps the last
+    fingerprint with the identity it was taken under, and a start whose identity is the same reuses it:
+    - the checkpoint files' identity, taken when they were loaded (`LoadedModel.checkpoint_identity`): the
+      directory and, per file (config.json and the weights), size, mtime, ctime, inode and device;
+    - the checkpoint's sampled content fingerprint (flora.modeling.fingerprint: its headers and 16 slices of
+      each file, a few hundred KB read);
+    - the rest of the fingerprint's inputs (`_header`: config, image processor, quantization, precision) and
+      the versions of the libraries that turn the files into tensors (torch, transformers, peft, bitsandbytes).
+
+    Why an equal identity means equal weights. A checkpoint's bytes change only through a write to its files.
+    Writing in place updates the file's mtime and ctime; replacing it (save_pretrained, a download, cp, mv,
+    rsync) gives a new inode or at least a new ctime. The kernel sets ctime to the current time on every change
+    of a file's data or metadata, and no system call lets a program set it back (touch, cp -p and rsync -t
+    restore mtime only), so a rewritten file shows a new ctime even where its size and mtime were kept. What
+    is left: a write within one tick of the file system's clock (FAT stamps in 2 s steps), excluded by not
+    remembering an identity younger than 2 s ("settled"); someone who resets the system clock or writes the
+    block device under the file system, who could as well rewrite the cache itself; and a file system that
+    reports no real ctime or inode (e.g. a FAT card mounted by some drivers), where the sampled content
+    fingerprint still tells apart two checkpoints that differ in most of their bytes. Where an identity cannot
+    be taken (a hub id not on disk, files that changed during the load), the tensors are hashed as before.
+    The identity describes the checkpoint as loaded, the same assumption the released image path's reload
+    rests on (flora.modeling.residency): code that changes the frozen image path's weights in memory after
+    the load must not point the trainer at a cache directory.
+    """
+
+    def __init__(self, directory: str | Path | None):
+        self.path = Path(directory) / MEMO_FILE_NAME if directory is not None else None
+
+    def model_key(self, clip: Any, precision: str = "") -> str:
+        """`model_fingerprint(clip, precision)`, from the memo when the identity is the one it was taken under."""
+        identity = self._identity(clip, precision)
+        if identity is None or self.path is None:
+            return model_fingerprint(clip, precision)
+        try:
+            memo = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+        if isinstance(memo, dict) and memo.get("identity") == identity and isinstance(memo.get("model"), str):
+            return memo["model"]
+        key = model_fingerprint(clip, precision)
+        if clip.checkpoint_identity.get("settled"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.path, json.dumps({"identity": identity, "model": key}, sort_keys=True).encode())
+        return key
+
+    @staticmethod
+    def _identity(clip: Any, precision: str) -> dict | None:
+        from flora.modeling.fingerprint import model_fingerprint as sampled_fingerprint
+
+        checkpoint = getattr(clip, "checkpoint_identity", None)
+        if checkpoint is None:
+            return None
+        identity = {
+            "format": CACHE_FORMAT,
+            "checkpoint": checkpoint,
+            "sampled": sampled_fingerprint(clip.name_or_path),
+            "header": _header(clip, precision),
+            "libraries": {name: _version(name) for name in ("torch", "transformers", "peft", "bitsandbytes")},
+        }
+        return json.loads(json.dumps(identity, sort_keys=True, default=str))  # as it reads back from the file
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
 
 
 def images_fingerprint(images: list[Any]) -> str:

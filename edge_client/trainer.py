@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from edge_client.cache import EmbeddingStore, image_key, model_fingerprint
+from edge_client.cache import EmbeddingStore, ModelKeyMemo, image_key
 from edge_client.cache_build import embed_images, resolve_cache_precision
 from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches, release_freed_memory
 from edge_client.schedule import round_batches
@@ -217,7 +217,7 @@ class LocalTrainer:
 
     def _current_model_key(self) -> str:
         precision = f"{self.clip.compute_dtype}/autocast={self.autocast_dtype}/cache={self.cache_precision}"
-        return model_fingerprint(self.clip, precision=precision)
+        return ModelKeyMemo(self.cache_dir).model_key(self.clip, precision=precision)
 
     def _load_or_build_image_cache(self, cache_dir: str | Path | None) -> None:
         """Every image's embedding, from the store where it holds the image's row, else computed; then the
@@ -263,7 +263,9 @@ class LocalTrainer:
             log.info("image embeddings: reusing the cache in %s (%d images)", store.path, len(keys))
         released = release_image_path(self.clip) if self.release_vision_tower else 0
         if missing:  # the build's activations, freed to the C heap, go back to the OS (~95 MB on ViT-B/32)
-            release_freed_memory(collect=not released)  # a release has just collected garbage: once is enough
+            # Released: the tower is gone already (by reference counting, or by the release's own collection),
+            # and the activations went when the build returned; without the release, collect what may hold it.
+            release_freed_memory(collect=not released)
         self.cache_seconds = time.perf_counter() - started
         self.cache_cpu_seconds = time.process_time() - started_cpu  # the process's: steadier on a loaded machine
 

@@ -96,3 +96,70 @@ def test_no_cache_when_the_recipe_trains_the_vision_tower(tiny_model_dir, data, 
     trainer = make(tiny_model_dir, data, recipe="both-towers", cache_dir=tmp_path)
     assert trainer.trains_images and trainer.cache_status == "off" and trainer.pixels is not None
     assert not (tmp_path / FILE_NAME).exists()
+
+
+def test_a_restart_takes_the_model_key_from_the_memo_without_hashing_the_tower(
+    tiny_model_dir, data, tmp_path, monkeypatch
+):
+    import shutil
+
+    import edge_client.cache as cache
+    from flora.modeling import fingerprint
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)  # copied just now: its identity is not settled yet
+    first = make(model_dir, data, cache_dir=tmp_path / "cache")
+    assert first.cache_status == "built" and not (tmp_path / "cache" / cache.MEMO_FILE_NAME).exists()
+    monkeypatch.setattr(fingerprint, "SETTLE_SECONDS", 0.0)  # as if the files were older than a clock tick
+    assert make(model_dir, data, cache_dir=tmp_path / "cache").cache_status == "hit"  # hashed, then remembered
+    assert (tmp_path / "cache" / cache.MEMO_FILE_NAME).is_file()
+
+    def no_hashing(*args, **kwargs):
+        raise AssertionError("the memo should have answered")
+
+    monkeypatch.setattr(cache, "model_fingerprint", no_hashing)
+    again = make(model_dir, data, cache_dir=tmp_path / "cache")
+    assert again.cache_status == "hit"
+    assert np.array_equal(again.image_embeds.numpy(), first.image_embeds.numpy())
+    # Another precision is another key: the memo does not answer for it.
+    with pytest.raises(AssertionError, match="memo"):
+        make(model_dir, data, cache_dir=tmp_path / "cache", cache_precision="int8")
+
+
+def test_a_checkpoint_rewritten_in_place_with_its_size_and_mtime_kept_is_hashed_again_and_the_cache_rebuilt(
+    tiny_model_dir, data, tmp_path, tmp_path_factory, monkeypatch
+):
+    """The memo's trust rests on ctime: a rewrite that keeps size, mtime and inode (cp -p over the file) and that
+    the sampled content fingerprint is made blind to still changes the key, because the kernel moved ctime."""
+    import os
+    import shutil
+
+    import edge_client.cache as cache
+    from flora.modeling import fingerprint
+    from flora.modeling.tiny import write_tiny_clip
+
+    monkeypatch.setattr(fingerprint, "SETTLE_SECONDS", 0.0)
+    monkeypatch.setattr(fingerprint, "model_fingerprint", lambda model: "blind")
+    hashed = []
+    full_hash = cache.model_fingerprint
+    monkeypatch.setattr(cache, "model_fingerprint", lambda *a, **k: hashed.append(1) or full_hash(*a, **k))
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    assert make(model_dir, data, cache_dir=tmp_path / "cache").cache_status == "built"
+    assert make(model_dir, data, cache_dir=tmp_path / "cache").cache_status == "hit" and len(hashed) == 1
+
+    weights = model_dir / "model.safetensors"
+    before = weights.stat()
+    other = write_tiny_clip(tmp_path_factory.mktemp("other") / "tiny-clip", seed=1)
+    new_bytes = (other / "model.safetensors").read_bytes()
+    assert len(new_bytes) == before.st_size and new_bytes != weights.read_bytes()
+    with open(weights, "r+b") as handle:  # in place: same inode
+        handle.write(new_bytes)
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))  # the old mtime put back, as cp -p would
+    after = weights.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+
+    rebuilt = make(model_dir, data, cache_dir=tmp_path / "cache")
+    assert rebuilt.cache_status == "built" and len(hashed) == 2  # the changed ctime sent it to the tensors
+    fresh = make(other, data)  # the new weights, no cache
+    np.testing.assert_array_equal(rebuilt.image_embeds.numpy(), fresh.image_embeds.numpy())

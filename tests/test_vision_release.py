@@ -92,6 +92,29 @@ def test_releasing_frees_the_tower_and_a_quantized_one_comes_back_bit_for_bit(ti
     assert trainer.cache_status == "updated" and trainer.cache_embedded == 1 and is_released(trainer.clip)
 
 
+def test_the_release_collects_garbage_only_when_a_reference_cycle_holds_the_tower(tiny_model_dir, monkeypatch):
+    from flora.modeling.residency import release_image_path
+
+    collections = []
+    collect = gc.collect
+    monkeypatch.setattr(gc, "collect", lambda *a: collections.append(1) or collect(*a))
+    gc.disable()  # no automatic pass in between: what frees the tower is the release's own doing
+    try:
+        plain = load_clip(tiny_model_dir)
+        plain.model.requires_grad_(False)  # frozen, as the trainer's recipe leaves it
+        tower = weakref.ref(plain.model.vision_model)
+        assert release_image_path(plain) > 0
+        assert tower() is None and collections == []  # reference counting freed it: no full pass paid
+        cyclic = load_clip(tiny_model_dir)
+        cyclic.model.requires_grad_(False)
+        cyclic.model.vision_model.loop = [cyclic.model.vision_model]  # something holds it in a cycle
+        tower = weakref.ref(cyclic.model.vision_model)
+        assert release_image_path(cyclic) > 0
+        assert tower() is None and collections == [1]  # the collector was needed, and ran
+    finally:
+        gc.enable()
+
+
 def test_evaluation_still_works_after_the_release(tiny_model_dir, data, tmp_path, digits):
     released = make(tiny_model_dir, data, cache_dir=tmp_path)
     resident = make(tiny_model_dir, data, release_vision_tower=False)

@@ -99,4 +99,4 @@ def pixel_values(image_processor: Any, images: Sequence[Any], *, batch_size: int
         chunks.append(torch.from_numpy(np.asarray(batch["pixel_values"], dtype=np.float32)))
     if not chunks:
         raise DataError("no images to preprocess")
-    return torch.cat(chunks)
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks)  # cat would copy even a single chunk

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import struct
+import time
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -31,10 +32,44 @@ SAMPLES = 16
 SAMPLE_BYTES = 4096
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 FINGERPRINT_CHARS = 16  # hex digits kept: 64 bits, plenty to tell checkpoints apart, short in a log line
+SETTLE_SECONDS = 2.0  # a checkpoint file changed more recently than this has no settled identity (below)
 
 
 def model_fingerprint(model: str) -> str | None:
     """The fingerprint of the checkpoint `model` names (a directory or a cached hub id), or None."""
+    found = _checkpoint_files(model)
+    if found is None:
+        return None
+    directory, files = found
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _fingerprint(str(directory), stamp)
+
+
+def checkpoint_identity(model: str) -> dict | None:
+    """What the file system says about the checkpoint `model` names, read without opening a file: its directory
+    and, for config.json and each weights file, (name, size, mtime, ctime, inode, device); None where `model` is
+    no local checkpoint. Equal identities mean the files were not rewritten in between (edge_client/cache.py's
+    `ModelKeyMemo` says why that holds, and where it would not).
+    """
+    found = _checkpoint_files(model)
+    if found is None:
+        return None
+    directory, files = found
+    now = time.time_ns()
+    stats = [(p.name, p.stat()) for p in files]  # stat follows a hub snapshot's symlinks to the blobs
+    return {
+        "directory": str(directory.resolve()),
+        "files": [[name, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino, s.st_dev] for name, s in stats],
+        # False while a file changed less than SETTLE_SECONDS ago: a write within the file system's timestamp
+        # granularity (FAT: 2 s; Linux stamps files from a clock that ticks every few ms) could still follow
+        # and leave every field as it is; nothing should be remembered by such an identity (git's index calls
+        # these entries "racily clean" and handles them the same way).
+        "settled": all(now - max(s.st_mtime_ns, s.st_ctime_ns) >= SETTLE_SECONDS * 1e9 for _, s in stats),
+    }
+
+
+def _checkpoint_files(model: str) -> tuple[Path, list[Path]] | None:
+    """(directory, [config.json, weights files sorted by name]) of the checkpoint `model` names, or None."""
     directory = _local_dir(model)
     if directory is None:
         return None
@@ -42,8 +77,7 @@ def model_fingerprint(model: str) -> str | None:
     config = directory / "config.json"
     if not files or not config.is_file():
         return None
-    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in [config, *files])
-    return _fingerprint(str(directory), stamp)
+    return directory, [config, *files]
 
 
 @functools.lru_cache(maxsize=8)

@@ -13,6 +13,7 @@ from typing import Any
 
 from flora.errors import ConfigError
 from flora.modeling.families import CLIP, ModelFamily, family_for
+from flora.modeling.fingerprint import checkpoint_identity
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,9 @@ class LoadedModel:
     device: str
     compute_dtype: str = "float32"  # bitsandbytes' compute dtype, or the weights' dtype when not quantized
     family: ModelFamily = CLIP
+    # The checkpoint files' identity as they were loaded (flora.modeling.fingerprint.checkpoint_identity), None
+    # for a hub id not yet on disk or files that changed during the load: the image cache keys its memo by it.
+    checkpoint_identity: dict | None = None
 
     @property
     def tokenizer(self):
@@ -128,6 +132,7 @@ def load_model(
         kwargs["device_map"] = device
     elif compute_dtype != "float32":
         kwargs["dtype"] = _torch_dtype(compute_dtype)
+    identity = checkpoint_identity(name)  # before the load, and compared after it (below)
     try:
         model, processor, mapped = _from_pretrained(family, name, stream=quant is not None, **kwargs)
     except OSError as exc:
@@ -151,6 +156,7 @@ def load_model(
         device=device,
         compute_dtype=compute_dtype,
         family=family,
+        checkpoint_identity=identity if identity == checkpoint_identity(name) else None,
     )
 
 
