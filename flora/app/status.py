@@ -53,7 +53,9 @@ def collect(broker_url: str, *, run_id: str | None, wait: float, ca_file: str | 
             if run_id and env.run != run_id:
                 continue
             if env.kind == "status" and isinstance(env.data, dict):
-                nodes[(env.run, env.sender)] = env.data
+                # The version the status is written in: which settings the device can follow (a run with
+                # fractional epochs or SGD clients needs 1.3, docs/PROTOCOL.md §9).
+                nodes[(env.run, env.sender)] = {**env.data, "protocol": env.version}
                 if env.data.get("role") == "coordinator" and env.data.get("state") == "finished":
                     finished_at[env.run] = env.sent_at
             elif env.kind == "round_result":
@@ -92,7 +94,7 @@ def print_status(
     nodes = {key: data for key, data in nodes.items() if key[0] not in hidden}
     rounds = {run: record for run, record in rounds.items() if run not in hidden}
     table = Table(title=f"nodes on {redact_url(broker_url)}", title_justify="left")
-    columns = ("run", "node", "state", "last round", "recipe", "agent", "accelerator", "dataset")
+    columns = ("run", "node", "state", "last round", "recipe", "agent", "protocol", "accelerator", "dataset")
     for column in (*columns, "memory free MB", "disk free MB", "temp °C", "power mode", "GPU %"):
         table.add_column(column)
     for (run, node), data in sorted(nodes.items()):
@@ -105,6 +107,7 @@ def print_status(
             _number(data.get("last_round_trained", data.get("round")), "{:.0f}"),
             _text(data.get("recipe", data.get("role"))),
             _text(health.get("agent_version")),
+            _text(data.get("protocol")),
             _text(caps.get("accelerator")),
             _number(caps.get("dataset_size"), "{:,.0f}"),
             _number(_free_memory(health, caps), "{:,.0f}"),
