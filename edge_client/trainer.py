@@ -60,7 +60,7 @@ AUTOCAST_MODES = ("auto", "off", "float16", "bfloat16")
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Hyper-parameters the coordinator sends with each instruction (the paper's Adam settings)."""
+    """Hyper-parameters the coordinator sends with each instruction (defaults: the paper's AdamW settings)."""
 
     local_epochs: float = 1  # a fraction (1.3's `round_epochs`) walks one stream of batches over rounds (schedule.py)
     learning_rate: float = 5e-5

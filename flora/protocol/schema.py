@@ -266,7 +266,7 @@ HEALTH = {  # status.health: shown by `flora status` and the dashboard only; a b
 
 OPTIMIZERS = ("adamw", "sgd")  # train.optimizer (1.3): the clients' local optimizer
 
-TRAIN_SETTINGS = {  # train.train: AdamW hyper-parameters; the client refuses an instruction that breaks one
+TRAIN_SETTINGS = {  # train.train: the local training settings; the client refuses an instruction that breaks one
     "local_epochs": Field(integer(1, 1000)),
     "learning_rate": Field(number(0, 10, above_lo=True)),
     "weight_decay": Field(number(0, 100)),
