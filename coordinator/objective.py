@@ -75,11 +75,13 @@ def local_work_settings(local_epochs: float, optimizer: str = "adamw") -> dict[s
     return settings
 
 
+# The `train` keys protocol 1.3 added, and the coordinator setting each one states.
+_KEYS_OF_1_3 = {"round_epochs": "local_epochs", "optimizer": "client_optimizer"}
+
+
 def protocol_needed(local_epochs: float, optimizer: str = "adamw") -> tuple[int, str]:
-    """The protocol minor a client must speak to follow these settings, and the setting that needs it."""
-    needs = []
-    if not float(local_epochs).is_integer():
-        needs.append(f"local_epochs = {local_epochs}")
-    if optimizer != "adamw":
-        needs.append(f"client_optimizer = {optimizer!r}")
+    """The protocol minor a client must speak to follow these settings, and the setting that needs it: read off
+    the keys `local_work_settings` sends, so a new key cannot be sent without saying who understands it."""
+    settings = local_work_settings(local_epochs, optimizer)
+    needs = [f"{setting} = {settings[key]!r}" for key, setting in _KEYS_OF_1_3.items() if key in settings]
     return (3, " and ".join(needs)) if needs else (0, "")
