@@ -62,6 +62,48 @@ def test_adapter_get_set_round_trip_and_checks(tiny_model_dir):
     assert all(torch.equal(get_adapter_state(model)[k], new[k]) for k in new)  # nothing half-loaded
 
 
+@pytest.mark.parametrize(
+    ("recipe", "quantization"), [*((name, "none") for name in ("paper", "both-towers", "fedfft", "linear-probe",
+    "vision-head", "text-full")), ("paper", "4bit")],
+)  # fmt: skip
+def test_adapter_state_reads_and_writes_what_peft_itself_does(tiny_model_dir, recipe, quantization):
+    """The adapter's tensors are found once and then read and written directly: the same as PEFT's own
+    state-dict functions, for every recipe (LoRA factors and whole modules) and on a 4-bit base."""
+    from peft import get_peft_model_state_dict
+
+    model = attach_lora(load_clip(tiny_model_dir, quantization=quantization).model, get_recipe(recipe))
+    ours, peft_own = get_adapter_state(model), get_peft_model_state_dict(model)
+    assert sorted(ours) == sorted(peft_own)
+    assert all(torch.equal(ours[k], peft_own[k].float()) for k in ours)
+    new = {k: torch.randn_like(v) for k, v in ours.items()}
+    set_adapter_state(model, new)
+    assert all(torch.equal(get_peft_model_state_dict(model)[k].float(), new[k]) for k in new)
+    ours[next(iter(ours))].zero_()  # a copy: changing what was read leaves the model alone
+    assert all(torch.equal(get_adapter_state(model)[k], new[k]) for k in new)
+
+
+def test_adapter_state_follows_a_module_replaced_after_the_first_read(tiny_model_dir):
+    """A module swapped in place (as the image path is released and brought back) is read anew, not the
+    tensors of the one it replaced."""
+    import copy
+
+    model = attach_lora(load_clip(tiny_model_dir).model, get_recipe("both-towers"))
+    get_adapter_state(model)  # finds the names
+    vision = model.base_model.model.vision_model
+    model.base_model.model.vision_model = copy.deepcopy(vision)
+    new = {k: torch.randn_like(v) for k, v in get_adapter_state(model).items()}
+    set_adapter_state(model, new)
+    changed = [k for k in new if "vision_model" in k]
+    assert changed
+    swapped = dict(model.base_model.model.vision_model.named_parameters())
+    old = dict(vision.named_parameters())
+    for name in swapped:
+        if "lora_" in name:
+            peft_name = "base_model.model.vision_model." + name.replace(".default", "")
+            assert torch.equal(swapped[name], new[peft_name])
+            assert not torch.equal(old[name], new[peft_name])
+
+
 def test_adapter_dir_loads_with_plain_peft_and_gives_the_toolkits_logits(tiny_model_dir, digits, tmp_path):
     from peft import PeftModel
     from transformers import CLIPModel

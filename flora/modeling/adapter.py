@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -52,17 +53,49 @@ def attach_lora(model: Any, recipe: LoraRecipe, *, seed: int = 0):
 def get_adapter_state(peft_model: Any) -> dict[str, Any]:
     """The adapter's tensors, detached fp32 CPU copies, keyed by PEFT names."""
     import torch
-    from peft import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(peft_model)
+    state = _adapter_tensors(peft_model)
     return {name: t.detach().to("cpu", torch.float32).clone() for name, t in sorted(state.items())}
 
 
 def adapter_parameters(peft_model: Any) -> int:
     """How many values the adapter's tensors hold (what an update carries), without copying them."""
+    return sum(t.numel() for t in _adapter_tensors(peft_model).values())
+
+
+# PEFT name -> the model's own parameter name, per model. PEFT's get/set_peft_model_state_dict walk the whole
+# model's state dict and every module's prefixes on each call: time in the model's size, paid several times a
+# round by every client and the coordinator, where the adapter is a few tensors. The names are found once,
+# through PEFT itself, and each call then resolves them (a few attribute lookups each, no references held, so a
+# released module is not kept alive and a replaced one is found anew).
+_PARAMETER_NAMES: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def _adapter_tensors(peft_model: Any) -> dict[str, Any]:
+    """PEFT name -> the live tensor (the model's parameter itself, not a copy) of every adapter tensor."""
+    names = _PARAMETER_NAMES.get(peft_model)
+    if names is not None:
+        try:
+            return {peft_name: peft_model.get_parameter(name) for peft_name, name in names.items()}
+        except AttributeError:  # a module on the path was replaced or removed: find the names again
+            pass
     from peft import get_peft_model_state_dict
 
-    return sum(t.numel() for t in get_peft_model_state_dict(peft_model).values())
+    state = get_peft_model_state_dict(peft_model)
+    # PEFT's tensors share storage with the parameters they come from: the storage says which one.
+    by_storage = {
+        (p.data_ptr(), tuple(p.shape), p.stride()): name
+        for name, p in peft_model.named_parameters(remove_duplicate=False)
+    }
+    names = {}
+    for peft_name, t in state.items():
+        name = by_storage.get((t.data_ptr(), tuple(t.shape), t.stride()))
+        if name is None:  # not a parameter (a buffer, or a tensor PEFT derived): PEFT's own copy each time
+            _PARAMETER_NAMES.pop(peft_model, None)
+            return state
+        names[peft_name] = name
+    _PARAMETER_NAMES[peft_model] = names
+    return {peft_name: peft_model.get_parameter(name) for peft_name, name in names.items()}
 
 
 def lower_rank_of(expected: dict[str, Any], received: dict[str, Any]) -> int | None:
@@ -130,9 +163,16 @@ def _same_but_rank(name: str, got: Any, want: Any) -> bool:
 
 def set_adapter_state(peft_model: Any, tensors: dict[str, Any]) -> None:
     """Load tensors into the adapter after checking names and shapes (never a partial load)."""
+    import torch
     from peft import set_peft_model_state_dict
 
-    check_adapter_tensors(get_adapter_state(peft_model), tensors)
+    live = _adapter_tensors(peft_model)
+    check_adapter_tensors(live, tensors)
+    if peft_model in _PARAMETER_NAMES:  # every adapter tensor is a parameter: copy into each
+        with torch.no_grad():
+            for name, target in live.items():
+                target.copy_(tensors[name])  # casts to the parameter's dtype and device, as load_state_dict does
+        return
     result = set_peft_model_state_dict(peft_model, tensors)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
