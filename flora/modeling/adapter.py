@@ -54,13 +54,13 @@ def get_adapter_state(peft_model: Any) -> dict[str, Any]:
     """The adapter's tensors, detached fp32 CPU copies, keyed by PEFT names."""
     import torch
 
-    state = _adapter_tensors(peft_model)
+    state, _ = _adapter_tensors(peft_model)
     return {name: t.detach().to("cpu", torch.float32).clone() for name, t in sorted(state.items())}
 
 
 def adapter_parameters(peft_model: Any) -> int:
     """How many values the adapter's tensors hold (what an update carries), without copying them."""
-    return sum(t.numel() for t in _adapter_tensors(peft_model).values())
+    return sum(t.numel() for t in _adapter_tensors(peft_model)[0].values())
 
 
 # PEFT name -> the model's own parameter name, per model. PEFT's get/set_peft_model_state_dict walk the whole
@@ -71,12 +71,15 @@ def adapter_parameters(peft_model: Any) -> int:
 _PARAMETER_NAMES: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
 
 
-def _adapter_tensors(peft_model: Any) -> dict[str, Any]:
-    """PEFT name -> the live tensor (the model's parameter itself, not a copy) of every adapter tensor."""
+def _adapter_tensors(peft_model: Any) -> tuple[dict[str, Any], bool]:
+    """(PEFT name -> tensor, whether those tensors are the model's parameters themselves).
+
+    False where some adapter tensor is not a parameter: the tensors are then PEFT's state dict, and only PEFT's
+    own functions may load them."""
     names = _PARAMETER_NAMES.get(peft_model)
     if names is not None:
         try:
-            return {peft_name: peft_model.get_parameter(name) for peft_name, name in names.items()}
+            return {peft_name: peft_model.get_parameter(name) for peft_name, name in names.items()}, True
         except AttributeError:  # a module on the path was replaced or removed: find the names again
             pass
     from peft import get_peft_model_state_dict
@@ -92,10 +95,10 @@ def _adapter_tensors(peft_model: Any) -> dict[str, Any]:
         name = by_storage.get((t.data_ptr(), tuple(t.shape), t.stride()))
         if name is None:  # not a parameter (a buffer, or a tensor PEFT derived): PEFT's own copy each time
             _PARAMETER_NAMES.pop(peft_model, None)
-            return state
+            return state, False
         names[peft_name] = name
     _PARAMETER_NAMES[peft_model] = names
-    return {peft_name: peft_model.get_parameter(name) for peft_name, name in names.items()}
+    return {peft_name: peft_model.get_parameter(name) for peft_name, name in names.items()}, True
 
 
 def lower_rank_of(expected: dict[str, Any], received: dict[str, Any]) -> int | None:
@@ -166,9 +169,9 @@ def set_adapter_state(peft_model: Any, tensors: dict[str, Any]) -> None:
     import torch
     from peft import set_peft_model_state_dict
 
-    live = _adapter_tensors(peft_model)
+    live, are_parameters = _adapter_tensors(peft_model)
     check_adapter_tensors(live, tensors)
-    if peft_model in _PARAMETER_NAMES:  # every adapter tensor is a parameter: copy into each
+    if are_parameters:  # copy into each
         with torch.no_grad():
             for name, target in live.items():
                 target.copy_(tensors[name])  # casts to the parameter's dtype and device, as load_state_dict does
