@@ -65,9 +65,10 @@ def main() -> None:
     from edge_client.cache_build import cpu_has_bf16, embed_images
     from export.onnx_export import export_part
     from export.parts import get_part
-    from export.quantize import _quiet_root_logger, quantize_int8
+    from export.quantize import quantize_int8
     from flora.data.datasets import pixel_values
     from flora.modeling.loading import load_clip
+    from flora.onnx_build import quiet_root_logger
 
     torch.set_num_threads(args.threads)
     data = synthetic_data(args.images)
@@ -112,7 +113,7 @@ def main() -> None:
         u8 = quantize_int8(fp32, Path(tmp) / "vision_int8.onnx")
         u8_s = time.perf_counter() - started
         started = time.perf_counter()
-        with _quiet_root_logger():
+        with quiet_root_logger():
             quantize_dynamic(
                 str(fp32),
                 str(Path(tmp) / "vision_s8.onnx"),

@@ -12,7 +12,6 @@ max abs difference and cosine similarity; past tolerance it raises ExportValidat
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ from flora import __version__
 from flora.errors import FloraError
 from flora.files import atomic_path
 from flora.modeling.families import family_for
+from flora.onnx_build import trace_to_onnx
 
 log = logging.getLogger(__name__)
 
-OPSET = 17
 # Kept for callers of the first version of this module (whole CLIP model only).
 INPUT_NAMES = list(WHOLE_MODEL.inputs)
 OUTPUT_NAMES = list(WHOLE_MODEL.outputs)
@@ -114,24 +113,14 @@ def export_part(
 ) -> Path:
     """Trace `part` of `model` on `sample` and write it to `path` atomically, with metadata."""
     import onnx
-    import torch
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        # The tracer warns about Python-side shape checks in transformers' CLIP; validation on other
-        # batch sizes and sequence lengths is what proves the graph generalises, so they are noise.
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                part_module(model, part),
-                tuple(sample[name] for name in part.inputs),
-                str(tmp),
-                dynamo=False,
-                input_names=list(part.inputs),
-                output_names=list(part.outputs),
-                dynamic_axes=part.dynamic_axes,
-                opset_version=OPSET,
-            )
+        module = part_module(model, part)
+        args = tuple(sample[name] for name in part.inputs)
+        trace_to_onnx(
+            module, args, tmp, input_names=part.inputs, output_names=part.outputs, dynamic_axes=part.dynamic_axes
+        )
         proto = onnx.load(str(tmp))
         stamp(proto, {"flora_version": __version__, **(metadata or {}), "part": part.name, "precision": "fp32"})
         onnx.checker.check_model(proto)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.errors import ConfigError
+from flora.onnx_build import session_options
 
 log = logging.getLogger(__name__)
 _warned: set[str] = set()  # one fallback warning per provider and process, not one per session
@@ -60,16 +61,7 @@ def make_session(
     """An InferenceSession on the first usable provider of `provider`'s chain, and that provider's name."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    # ONNX Runtime's default, stated: constant folding, layout and operator fusions (MatMul+Add, GELU, ...).
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    if quiet:
-        # ORT warns (to stderr, not through logging) about fp16 nodes it runs with casts on CPU; those
-        # are expected for an fp16 model validated on CPU, and the numbers are checked anyway.
-        options.log_severity_level = 3
+    options = session_options(threads, quiet)
     session = ort.InferenceSession(str(path), sess_options=options, providers=provider_chain(provider))
     ran = session.get_providers()[0]
     return session, ran

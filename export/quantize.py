@@ -30,7 +30,6 @@ Both start from the fp32 file, which stays the reference they are validated agai
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
@@ -40,6 +39,7 @@ from export.metadata import stamp
 from export.parts import check_precision
 from flora.errors import ConfigError
 from flora.files import atomic_path
+from flora.onnx_build import quantize_dynamic_int8
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,13 @@ def quantize_int8(
     metadata: dict[str, str] | None = None,
     *,
     keep_fp32: Sequence[str] = (),
+    signed_weights: bool = False,
 ) -> Path:
-    """Dynamic int8 of every MatMul/Gemm with a constant weight, except those whose name holds a `keep_fp32` entry."""
+    """Dynamic int8 of every MatMul/Gemm with a constant weight, except those whose name holds a `keep_fp32` entry.
+
+    `signed_weights`: QInt8 weights (U8S8), for a file that only ever runs on the CPU that built it and that CPU
+    has VNNI (`flora.onnx_build.cpu_has_vnni`); the default QUInt8 is right on every x86 CPU (module docstring)."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     dst = Path(dst)
     keep_fp32 = tuple(keep_fp32)
@@ -87,21 +90,14 @@ def quantize_int8(
     ]
     if keep_fp32 and not excluded:
         raise ValueError(f"keep_fp32={keep_fp32!r} matches no MatMul/Gemm node of {src}")
-    info = "dynamic int8: MatMul/Gemm weights QUInt8 per channel, activations per batch"
+    weights = "QInt8" if signed_weights else "QUInt8"
+    info = f"dynamic int8: MatMul/Gemm weights {weights} per channel, activations per batch"
     if excluded:
         info += f"; {len(excluded)} MatMul/Gemm kept fp32 ({', '.join(keep_fp32)})"
     scheme = next((name for name, keep in INT8_SCHEMES.items() if keep == keep_fp32), "custom")
     with atomic_path(dst) as tmp:
-        with warnings.catch_warnings(), _quiet_root_logger():
-            warnings.simplefilter("ignore")
-            quantize_dynamic(
-                str(src),
-                str(tmp),
-                weight_type=QuantType.QUInt8,  # not QInt8: it saturates on CPUs without VNNI (docstring)
-                op_types_to_quantize=["MatMul", "Gemm"],
-                per_channel=True,
-                nodes_to_exclude=excluded,
-            )
+        # QInt8 weights saturate on CPUs without VNNI (module docstring): opt-in only
+        quantize_dynamic_int8(src, tmp, signed_weights=signed_weights, nodes_to_exclude=excluded)
         _restamp(tmp, {**(metadata or {}), "precision": "int8", "int8_scheme": scheme, "quantization": info})
     return dst
 
@@ -143,15 +139,3 @@ def _restamp(path: Path, metadata: dict[str, str]) -> None:
 
     proto = onnx.load(str(path))
     onnx.save(stamp(proto, metadata), str(path))
-
-
-@contextlib.contextmanager
-def _quiet_root_logger():
-    """onnxruntime.quantization logs one INFO line per tensor, and a WARNING suggesting a
-    "pre-processing" pass (it only helps static quantization), through the root logger."""
-    previous = logging.root.manager.disable
-    logging.disable(logging.WARNING)
-    try:
-        yield
-    finally:
-        logging.disable(previous)

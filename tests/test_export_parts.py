@@ -221,3 +221,30 @@ def test_int8_weights_are_unsigned_so_no_cpu_saturates_them(full_export):
         matmuls = [n for n in proto.graph.node if n.op_type == "MatMulInteger"]
         assert matmuls, part
         assert all(weights[n.input[1]] == onnx.TensorProto.UINT8 for n in matmuls), part
+
+
+def test_signed_int8_weights_are_opt_in_and_only_where_the_cpu_has_vnni(full_export, tmp_path, monkeypatch):
+    # For a file that runs only on the CPU that built it (the image cache's): int8 weights where VNNI makes
+    # U8S8 exact and fast.
+    from export.quantize import quantize_int8
+    from flora.onnx_build import cpu_has_vnni
+
+    out, _ = full_export
+    dst = quantize_int8(out / PARTS["vision"].filename("fp32"), tmp_path / "vision_s8.onnx", signed_weights=True)
+    proto = onnx.load(str(dst))
+    weights = {i.name: i.data_type for i in proto.graph.initializer}
+    matmuls = [n for n in proto.graph.node if n.op_type == "MatMulInteger"]
+    assert matmuls and all(weights[n.input[1]] == onnx.TensorProto.INT8 for n in matmuls)
+    assert "QInt8" in {p.key: p.value for p in proto.metadata_props}["quantization"]
+
+    flags = tmp_path / "cpuinfo"
+    monkeypatch.setattr("flora.onnx_build.CPUINFO", flags)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    for line, expected in (("fpu avx2 avx512_vnni", True), ("fpu avx2", False), ("fpu avx_vnni sse", True)):
+        flags.write_text(f"flags\t\t: {line}\n")
+        assert cpu_has_vnni() is expected
+    flags.unlink()
+    assert cpu_has_vnni() is False  # no /proc/cpuinfo: the safe answer
+    flags.write_text("Features\t: asimd asimddp\n")
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    assert cpu_has_vnni() is False
