@@ -18,6 +18,10 @@ Precisions (`cache_precision`, client setting):
   a round 0.28 point from float32 (median; 0.56-0.84 at worst, BENCHMARKS.md). Opt-in: measured on our models,
   not on every checkpoint; and it rests on PyTorch's eager dynamic quantization, which PyTorch now marks
   deprecated in favour of torchao.
+- "onnx-int8": on CPU, the tower run by ONNX Runtime as an int8 file built once per base model and kept beside
+  the cache (edge_client/onnx_vision.py; U8S8 VNNI kernels where the CPU has them), for an unquantized base.
+  The fastest CPU build (3.6x less CPU time than float32 on the ViT-B/32 benchmark without AMX); what it
+  changes in the trained model's accuracy is measured in BENCHMARKS.md. Opt-in, like the two above.
 - "auto": "autocast" where the trainer autocasts (CUDA), else "float32" (CPUs without bf16 kernels run
   bf16 several times slower than fp32; we measured 4x on the AVX2 benchmark machine).
 
@@ -38,7 +42,7 @@ from flora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-CACHE_PRECISIONS = ("auto", "float32", "autocast", "bfloat16", "int8")
+CACHE_PRECISIONS = ("auto", "float32", "autocast", "bfloat16", "int8", "onnx-int8")
 
 
 def cpu_has_bf16() -> bool:
@@ -53,8 +57,10 @@ def cpu_has_bf16() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def resolve_cache_precision(mode: str, *, device: str, autocast_dtype: Any, quantized: bool) -> str:
-    """The precision `mode` means on this device and base (never "auto")."""
+def resolve_cache_precision(
+    mode: str, *, device: str, autocast_dtype: Any, quantized: bool, weights_dtype: str = "float32"
+) -> str:
+    """The precision `mode` means on this device and base (never "auto"); `weights_dtype`: the unquantized base's."""
     if mode not in CACHE_PRECISIONS:
         raise ConfigError(f"cache_precision must be one of {', '.join(CACHE_PRECISIONS)}, got {mode!r}")
     if mode == "auto":
@@ -73,10 +79,24 @@ def resolve_cache_precision(mode: str, *, device: str, autocast_dtype: Any, quan
                 "Xeon Sapphire Rapids or later, AMD Zen 4 or later); this one has neither and would run bfloat16 "
                 "several times slower than float32. Use 'float32' (or 'int8')"
             )
-    if mode == "int8" and (device != "cpu" or quantized):
+    if mode in ("int8", "onnx-int8") and (device != "cpu" or quantized):
         raise ConfigError(
-            "cache_precision = 'int8' is for an unquantized base on CPU; use 'auto' on CUDA or a quantized base"
+            f"cache_precision = {mode!r} is for an unquantized base on CPU; use 'auto' on CUDA or a quantized base"
         )
+    if mode == "onnx-int8" and weights_dtype != "float32":
+        raise ConfigError(
+            f"cache_precision = 'onnx-int8' quantizes a float32 vision tower; this base is loaded in {weights_dtype}: "
+            "load it with compute_dtype = 'float32', or choose another cache_precision"
+        )
+    if mode == "onnx-int8":
+        import importlib.util
+
+        missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise ConfigError(
+                f"cache_precision = 'onnx-int8' needs {' and '.join(missing)}, which the [edge] install leaves out: "
+                "pip install 'flora-edge[edge,export]', or choose another cache_precision"
+            )
     return mode
 
 
@@ -174,6 +194,7 @@ def embed_images(
     chunk: int = 64,
     memory_budget_mb: float | None = None,
     discard_tower_after: bool = False,
+    onnx_tower: Any = None,
 ) -> Any:
     """[len(images), D] fp32 normalised embeddings of `images`, `chunk` at a time, under inference_mode.
 
@@ -184,10 +205,14 @@ def embed_images(
 
     `discard_tower_after`: the caller releases the tower afterwards, so the int8 and bfloat16 precisions may
     convert it in place instead of copying it (no second copy in memory; the restored tower is the checkpoint's).
+
+    `onnx_tower`: for "onnx-int8", the `OnnxVisionTower` that computes the rows (PyTorch's tower is not run).
     """
     import torch
 
     family, device = clip.family, clip.device
+    if precision == "onnx-int8" and onnx_tower is None:
+        raise ValueError("cache_precision 'onnx-int8' needs the OnnxVisionTower that runs it (onnx_tower=)")
     if precision == "int8":
         tower = int8_vision_tower(model, in_place=discard_tower_after)
     elif precision == "bfloat16":
@@ -207,6 +232,8 @@ def embed_images(
 
             def embed(batch):
                 pixels = pixel_values(clip.image_processor, batch).to(device)
+                if precision == "onnx-int8":
+                    return onnx_tower(pixels)
                 with cast:
                     return family.image_embeddings(model, pixels).float()
 

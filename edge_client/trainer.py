@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from edge_client import onnx_vision
 from edge_client.cache import EmbeddingStore, ModelKeyMemo, image_key
 from edge_client.cache_build import embed_images, resolve_cache_precision
 from edge_client.memory_budget import BatchPlan, PeakMemoryMeter, plan_batches, release_freed_memory
@@ -175,10 +176,16 @@ class LocalTrainer:
         self.caching = cache_image_embeddings and not self.trains_images
         self.release_vision_tower = release_vision_tower and self.caching
         self.cache_precision = resolve_cache_precision(
-            cache_precision, device=self.device, autocast_dtype=self.autocast_dtype, quantized=is_quantized(clip.model)
+            cache_precision,
+            device=self.device,
+            autocast_dtype=self.autocast_dtype,
+            quantized=is_quantized(clip.model),
+            weights_dtype=clip.compute_dtype,
         )
         self._model_key: str | None = None  # the image path's fingerprint, taken while it is resident
         self.cache_seconds = self.cache_cpu_seconds = 0.0
+        # "onnx-int8": wall and CPU seconds the last cache build spent building the base's ONNX file (0: it was there)
+        self.vision_file_seconds = (0.0, 0.0)
         self.set_data(data)
         self.plan: BatchPlan = self.fit_memory_budget(memory_budget_mb, gradient_checkpointing)
         self._rounds_trained = 0
@@ -217,6 +224,8 @@ class LocalTrainer:
 
     def _current_model_key(self) -> str:
         precision = f"{self.clip.compute_dtype}/autocast={self.autocast_dtype}/cache={self.cache_precision}"
+        if self.cache_precision == "onnx-int8":  # its rows also depend on the int8 scheme and the runtime
+            precision += f"/{onnx_vision.runtime_tag()}"
         return ModelKeyMemo(self.cache_dir).model_key(self.clip, precision=precision)
 
     def _load_or_build_image_cache(self, cache_dir: str | Path | None) -> None:
@@ -240,16 +249,25 @@ class LocalTrainer:
                     self._model_key, rows, why = key, {}, "base model changed"
                     missing = {k: i for i, k in enumerate(keys) if k not in rows}
             chunk = max(1, min(self.max_batch_size, 256))
-            embeds = embed_images(
-                self.clip,
-                self.model,
-                [self.data.images[i] for i in missing.values()],
-                precision=self.cache_precision,
-                autocast_dtype=self.autocast_dtype,
-                chunk=chunk,
-                memory_budget_mb=self.memory_budget_mb,
-                discard_tower_after=self.release_vision_tower,
-            )
+            onnx_tower = None
+            if self.cache_precision == "onnx-int8":
+                onnx_tower = onnx_vision.OnnxVisionTower(self.clip, self.model, cache_dir, self._model_key)
+                self.vision_file_seconds = (onnx_tower.build_seconds, onnx_tower.build_cpu_seconds)
+            try:
+                embeds = embed_images(
+                    self.clip,
+                    self.model,
+                    [self.data.images[i] for i in missing.values()],
+                    precision=self.cache_precision,
+                    autocast_dtype=self.autocast_dtype,
+                    chunk=chunk,
+                    memory_budget_mb=self.memory_budget_mb,
+                    discard_tower_after=self.release_vision_tower,
+                    onnx_tower=onnx_tower,
+                )
+            finally:
+                if onnx_tower is not None:
+                    onnx_tower.close()
             rows.update(zip(missing, embeds.cpu()))
         current = {key: rows[key] for key in keys}  # the rows of images no longer here are dropped
         if missing:
