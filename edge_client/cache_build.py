@@ -83,14 +83,14 @@ def resolve_cache_precision(
         raise ConfigError(
             f"cache_precision = {mode!r} is for an unquantized base on CPU; use 'auto' on CUDA or a quantized base"
         )
-    if mode == "onnx-int8" and weights_dtype != "float32":
-        raise ConfigError(
-            f"cache_precision = 'onnx-int8' quantizes a float32 vision tower; this base is loaded in {weights_dtype}: "
-            "load it with compute_dtype = 'float32', or choose another cache_precision"
-        )
     if mode == "onnx-int8":
         import importlib.util
 
+        if weights_dtype != "float32":
+            raise ConfigError(
+                f"cache_precision = 'onnx-int8' quantizes a float32 vision tower; this base is loaded in "
+                f"{weights_dtype}: load it with compute_dtype = 'float32', or choose another cache_precision"
+            )
         missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
         if missing:
             raise ConfigError(

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from flora.files import atomic_path, prune_partial
-from flora.onnx_build import cpu_has_vnni, quantize_dynamic_int8, session_options, trace_to_onnx
+from flora.onnx_build import cpu_has_vnni, part_module, quantize_dynamic_int8, session_options, trace_to_onnx
 
 log = logging.getLogger(__name__)
 
@@ -53,21 +53,10 @@ def build_vision_file(clip: Any, model: Any, path: Path) -> Path:
     `flora export` writes it) and quantize it to `path`, atomically; the float32 file is temporary."""
     import torch
 
-    from flora.data.datasets import pixel_values
-
     base = getattr(model, "get_base_model", lambda: model)()
-    family = clip.family
-    spec = next(part for part in family.onnx_parts() if part["name"] == "vision")
-
-    class VisionTower(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = base  # a submodule: its weights are traced as the graph's initializers
-
-        def forward(self, pixels):
-            return family.image_embeddings(self.model, pixels)
-
-    sample = pixel_values(clip.image_processor, [_blank_image(clip.image_processor)] * 2)
+    spec = next(part for part in clip.family.onnx_parts() if part["name"] == "vision")
+    size = base.config.vision_config.image_size
+    sample = torch.zeros(2, 3, size, size)  # the trace needs shapes, not an image; the batch axis stays dynamic
     started = time.perf_counter()
     was_training = base.training  # traced in eval mode; the trainer's model goes back as it was
     # The float32 file beside the result (on the cache's disk, not a /tmp that may be memory), hidden and named
@@ -77,7 +66,7 @@ def build_vision_file(clip: Any, model: Any, path: Path) -> Path:
         fp32 = Path(tmp) / "vision.onnx"
         try:
             trace_to_onnx(
-                VisionTower().eval(),
+                part_module(base, "vision", spec["inputs"]),
                 (sample,),
                 fp32,
                 input_names=spec["inputs"],
@@ -89,14 +78,6 @@ def build_vision_file(clip: Any, model: Any, path: Path) -> Path:
         quantize_dynamic_int8(fp32, out, signed_weights=weight_scheme() == "u8s8")
     log.info("image embeddings: built the int8 ONNX vision tower in %.1f s (%s)", time.perf_counter() - started, path)
     return path
-
-
-def _blank_image(processor: Any) -> Any:
-    import numpy as np
-    from PIL import Image
-
-    size = getattr(processor, "crop_size", None) or {"height": 224, "width": 224}
-    return Image.fromarray(np.zeros((size["height"], size["width"], 3), dtype=np.uint8))
 
 
 class OnnxVisionTower:

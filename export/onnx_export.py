@@ -21,7 +21,7 @@ import numpy as np
 from export.metadata import export_metadata, file_sha256, stamp
 from export.parts import WHOLE_MODEL, OnnxPart, get_part
 from export.providers import make_session
-from flora import __version__
+from flora import __version__, onnx_build
 from flora.errors import FloraError
 from flora.files import atomic_path
 from flora.modeling.families import family_for
@@ -86,26 +86,8 @@ class ValidationResult:
 
 
 def part_module(model: Any, part: OnnxPart):
-    """`part` of `model` as a module taking `part.inputs` positionally; embeddings as the family computes them."""
-    import torch
-
-    family = family_for(model)
-
-    class Part(torch.nn.Module):
-        def __init__(self, wrapped):
-            super().__init__()
-            self.wrapped = wrapped
-
-        def forward(self, *args):
-            inputs = dict(zip(part.inputs, args))
-            if part.name == "vision":
-                return family.image_embeddings(self.wrapped, inputs["pixel_values"])
-            if part.name == "text":
-                return family.text_embeddings(self.wrapped, inputs)
-            out = self.wrapped(**inputs)
-            return out.logits_per_image, out.logits_per_text, out.text_embeds, out.image_embeds
-
-    return Part(model).eval()
+    """`part` of `model` as a module taking `part.inputs` positionally (flora.onnx_build.part_module)."""
+    return onnx_build.part_module(model, part.name, part.inputs)
 
 
 def export_part(

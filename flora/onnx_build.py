@@ -52,6 +52,33 @@ def trace_to_onnx(
     return Path(path)
 
 
+def part_module(model: Any, name: str, inputs: Sequence[str]) -> Any:
+    """Part `name` ("model", "vision" or "text", the family's `onnx_parts`) of `model` as an eval-mode module
+    taking `inputs` positionally and returning plain tensors (ONNX wants no output objects); embeddings as the
+    family computes them. `model` is put in eval mode too: a caller that goes on training restores it."""
+    import torch
+
+    from flora.modeling.families import family_for
+
+    family = family_for(model)
+
+    class Part(torch.nn.Module):
+        def __init__(self, wrapped):
+            super().__init__()
+            self.wrapped = wrapped
+
+        def forward(self, *args):
+            named = dict(zip(inputs, args))
+            if name == "vision":
+                return family.image_embeddings(self.wrapped, named["pixel_values"])
+            if name == "text":
+                return family.text_embeddings(self.wrapped, named)
+            out = self.wrapped(**named)
+            return out.logits_per_image, out.logits_per_text, out.text_embeds, out.image_embeds
+
+    return Part(model).eval()
+
+
 def quantize_dynamic_int8(
     src: str | Path, dst: str | Path, *, signed_weights: bool = False, nodes_to_exclude: Sequence[str] = ()
 ) -> Path:
